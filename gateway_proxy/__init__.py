@@ -1,0 +1,1 @@
+"""The gateway agent: fetch, verify, rebuild and flash nodes."""

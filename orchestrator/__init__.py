@@ -1,0 +1,1 @@
+"""The orchestrator: registry, artifact store, rollouts (arrives with the MQTT backbone issue)."""

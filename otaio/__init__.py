@@ -1,0 +1,1 @@
+"""I/O adapters: the one place each external I/O library is touched."""

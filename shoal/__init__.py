@@ -1,0 +1,1 @@
+"""The ``shoal`` command: the composition root that joins the components."""

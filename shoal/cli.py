@@ -1,0 +1,298 @@
+"""The ``shoal`` command: thin click commands over library calls.
+
+Every command turns Shoal's own errors into one line on stderr and exit
+status 1 (no traceback); click's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from otaio.files import read_bounded, write_atomic
+from otaproto.artifact import (
+    DEFAULT_MAX_DELTA_RATIO,
+    MAGIC,
+    ArtifactInfo,
+    VerifiedArtifact,
+    build_delta_artifact,
+    build_full_artifact,
+    inspect_artifact,
+    verify_artifact,
+)
+from otaproto.errors import ShoalError, UsageError
+from otaproto.images import is_hex_name, load_image
+from otaproto.keys import Algorithm, PublicKey, SigningKey, TrustedKeys
+from otaproto.limits import DEFAULT_LIMITS
+from otaproto.manifest import Manifest
+
+KEY_FILE_LIMIT_BYTES = 16 * 1024
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class ShoalGroup(click.Group):
+    """A click group that prints Shoal's errors as one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ShoalError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=ShoalGroup)
+@click.version_option(package_name="shoal")
+def main() -> None:
+    """Shoal: over-the-air updates for MCU fleets behind gateways."""
+
+
+# --- keys -------------------------------------------------------------------
+
+
+@main.group(cls=ShoalGroup)
+def keys() -> None:
+    """Release signing keys."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
+@click.option("--algorithm", type=click.Choice([a.value for a in Algorithm]), default="ed25519",
+              show_default=True, help="Signature algorithm.")
+@click.option("--name", default="release", show_default=True, help="Base name of the key files.")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keys_generate(out_dir: Path, algorithm: str, name: str, force: bool) -> None:
+    """Generate a release key pair."""
+    private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    if not force and (private_path.exists() or public_path.exists()):
+        raise UsageError(f"{private_path} or {public_path} exists (use --force to replace)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.generate(Algorithm(algorithm))
+    write_atomic(private_path, key.to_pem(), mode=0o600)
+    write_atomic(public_path, key.public_key.to_pem(), mode=0o644)
+    click.echo(f"{private_path} (private, {algorithm}), {public_path} "
+               f"(key id {key.public_key.key_id.hex()})")
+
+
+# --- artifact ---------------------------------------------------------------
+
+
+@main.group(cls=ShoalGroup)
+def artifact() -> None:
+    """Build, inspect, verify and extract signed firmware artifacts."""
+
+
+def _load_signing_key(path: Path) -> SigningKey:
+    return SigningKey.from_pem(read_bounded(path, KEY_FILE_LIMIT_BYTES, "key file"))
+
+
+def _load_trust(paths: Sequence[Path]) -> TrustedKeys:
+    return TrustedKeys(
+        [PublicKey.from_pem(read_bounded(p, KEY_FILE_LIMIT_BYTES, "key file")) for p in paths]
+    )
+
+
+def _read_artifact(path: Path) -> bytes:
+    return read_bounded(path, DEFAULT_LIMITS.max_artifact_bytes, "artifact")
+
+
+def _read_image(path: Path) -> bytes:
+    intel_hex = is_hex_name(path.name)
+    limit = DEFAULT_LIMITS.max_hex_file_bytes if intel_hex else DEFAULT_LIMITS.max_image_bytes
+    return load_image(read_bounded(path, limit, "image"), intel_hex=intel_hex)
+
+
+def _base_image(path: Path | None, trusted: TrustedKeys) -> bytes | None:
+    """A base given as an image file or as a (full) artifact verified with ``trusted``."""
+    if path is None:
+        return None
+    data = read_bounded(path, DEFAULT_LIMITS.max_artifact_bytes, "base")
+    if data.startswith(MAGIC):
+        base = verify_artifact(data, trusted)
+        if base.manifest.is_delta:
+            raise UsageError("--base must be an image or a full artifact, not a delta")
+        return base.payload
+    return load_image(data, intel_hex=is_hex_name(path.name))
+
+
+def _now_s() -> int:
+    """Creation time; SOURCE_DATE_EPOCH makes builds reproducible."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None:
+        if not epoch.isdigit():
+            raise UsageError("SOURCE_DATE_EPOCH must be a whole number of seconds")
+        return int(epoch)
+    return int(time.time())
+
+
+def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--meta wants KEY=VALUE, got {pair!r}")
+        metadata[key] = value
+    return metadata
+
+
+@artifact.command("build")
+@click.argument("image", type=EXISTING_FILE)
+@click.option("--version", "version", required=True, help="Version string, e.g. 1.4.2.")
+@click.option("--seq", "sequence", required=True, type=click.IntRange(0, 2**64 - 1),
+              help="Sequence number; nodes refuse anything not newer than what they run.")
+@click.option("--device-type", "device_types", required=True, multiple=True,
+              help="Compatible device type (repeat for several).")
+@click.option("--key", "key_path", required=True, type=EXISTING_FILE, help="Private release key.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default=None, help="Artifact name (default: the image file's stem).")
+@click.option("--meta", multiple=True, help="Free-form metadata KEY=VALUE (repeatable).")
+def artifact_build(image: Path, version: str, sequence: int, device_types: tuple[str, ...],
+                   key_path: Path, out: Path, name: str | None, meta: tuple[str, ...]) -> None:
+    """Sign IMAGE (.bin raw, .hex Intel HEX, or an imgtool-signed MCUboot image) as a full artifact."""
+    key = _load_signing_key(key_path)
+    data = build_full_artifact(
+        _read_image(image), name=name or image.stem, version=version, sequence=sequence,
+        device_types=device_types, key=key, created_s=_now_s(), metadata=_parse_metadata(meta),
+    )
+    write_atomic(out, data)
+    click.echo(f"{out}: full artifact, {len(data)} bytes")
+
+
+@artifact.command("delta")
+@click.argument("base_artifact", type=EXISTING_FILE)
+@click.argument("target_artifact", type=EXISTING_FILE)
+@click.option("--key", "key_path", required=True, type=EXISTING_FILE, help="Private release key.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trust", "trust", multiple=True, type=EXISTING_FILE,
+              help="Keys the two inputs are checked with (default: the public half of --key).")
+@click.option("--max-ratio", default=DEFAULT_MAX_DELTA_RATIO, show_default=True,
+              type=click.FloatRange(0.0, 1.0),
+              help="Build the full artifact instead when the patch is larger than this share.")
+def artifact_delta(base_artifact: Path, target_artifact: Path, key_path: Path, out: Path,
+                   trust: tuple[Path, ...], max_ratio: float) -> None:
+    """Build a bsdiff4 delta artifact from BASE_ARTIFACT to TARGET_ARTIFACT."""
+    key = _load_signing_key(key_path)
+    trusted = _load_trust(trust) if trust else TrustedKeys([key.public_key])
+    base = verify_artifact(_read_artifact(base_artifact), trusted)
+    target = verify_artifact(_read_artifact(target_artifact), trusted)
+    outcome = build_delta_artifact(base, target, key, created_s=_now_s(), max_ratio=max_ratio)
+    write_atomic(out, outcome.artifact)
+    if outcome.used_delta:
+        click.echo(f"{out}: delta {base.manifest.version} -> {target.manifest.version}, "
+                   f"{len(outcome.artifact)} bytes ({outcome.ratio:.1%} of the image)")
+    else:
+        click.echo(f"{out}: the delta would be {outcome.ratio:.1%} of the image (over "
+                   f"{max_ratio:.0%}), so this is the full artifact, {len(outcome.artifact)} bytes")
+
+
+def _manifest_json(m: Manifest) -> dict[str, Any]:
+    return {
+        "name": m.name, "version": m.version, "sequence": m.sequence,
+        "device_types": list(m.device_types), "image_size": m.image_size,
+        "image_sha256": m.image_digest.hex(), "payload_kind": str(m.payload_kind),
+        "payload_size": m.payload_size, "payload_sha256": m.payload_digest.hex(),
+        "base_sha256": m.base_digest.hex() if m.base_digest else None,
+        "base_version": m.base_version, "created": m.created_s, "metadata": dict(m.metadata),
+    }
+
+
+@artifact.command("inspect")
+@click.argument("file", type=EXISTING_FILE)
+@click.option("--trust", "trust", multiple=True, type=EXISTING_FILE,
+              help="Also check the signature with these keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def artifact_inspect(file: Path, trust: tuple[Path, ...], as_json: bool) -> None:
+    """Show what an artifact contains; says whether its signature was checked."""
+    data = _read_artifact(file)
+    info: ArtifactInfo = inspect_artifact(data)
+    if trust:
+        verify_artifact(data, _load_trust(trust))
+    report = {
+        **_manifest_json(info.manifest), "artifact_size": info.artifact_size,
+        "algorithm": str(info.algorithm), "key_id": info.key_id.hex(),
+        "signature_checked": bool(trust),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for field, value in report.items():
+        click.echo(f"{field:18} {value}")
+    if not trust:
+        click.echo("signature NOT checked (give --trust to check it)")
+
+
+@artifact.command("verify")
+@click.argument("file", type=EXISTING_FILE)
+@click.option("--trust", "trust", required=True, multiple=True, type=EXISTING_FILE,
+              help="Trusted public key (repeat for several).")
+@click.option("--base", "base", type=EXISTING_FILE,
+              help="For a delta: the base image (.bin/.hex) or its full artifact.")
+@click.option("--device-type", default=None, help="Refuse unless the artifact is for this type.")
+@click.option("--installed-seq", type=click.IntRange(0, 2**64 - 1), default=None,
+              help="Refuse unless the sequence number is newer than this.")
+def artifact_verify(file: Path, trust: tuple[Path, ...], base: Path | None,
+                    device_type: str | None, installed_seq: int | None) -> None:
+    """Verify an artifact: exit 0 when valid, else exit 1 naming what failed."""
+    trusted = _load_trust(trust)
+    verified = verify_artifact(_read_artifact(file), trusted, device_type=device_type,
+                               installed_sequence=installed_seq)
+    m = verified.manifest
+    note = ""
+    if m.is_delta:
+        base_image = _base_image(base, trusted)
+        if base_image is None:
+            note = " (delta not applied: give --base to check the rebuilt image)"
+        else:
+            verified.rebuild_image(base_image)
+            note = f" (rebuilt from {m.base_version}: image digest matches)"
+    click.echo(f"valid: {m.name} {m.version} seq {m.sequence} {m.payload_kind}, "
+               f"key {verified.key_id.hex()}{note}")
+
+
+@artifact.command("extract")
+@click.argument("file", type=EXISTING_FILE)
+@click.option("--trust", "trust", required=True, multiple=True, type=EXISTING_FILE,
+              help="Trusted public key (repeat for several).")
+@click.option("--base", "base", type=EXISTING_FILE,
+              help="For a delta: the base image (.bin/.hex) or its full artifact.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def artifact_extract(file: Path, trust: tuple[Path, ...], base: Path | None, out: Path) -> None:
+    """Verify an artifact and write the full firmware image, applying a delta."""
+    trusted = _load_trust(trust)
+    verified: VerifiedArtifact = verify_artifact(_read_artifact(file), trusted)
+    image = verified.rebuild_image(_base_image(base, trusted))
+    write_atomic(out, image)
+    click.echo(f"{out}: {verified.manifest.version}, {len(image)} bytes")
+
+
+# --- bench ------------------------------------------------------------------
+
+
+@main.group(cls=ShoalGroup)
+def bench() -> None:
+    """Benchmarks that print their figures and the ratio to their target or limit."""
+
+
+@bench.command("delta")
+@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of firmware pairs NAME-v1.bin/NAME-v2.bin (default: build the examples).")
+@click.option("--synthetic-mib", default=1.0, show_default=True, type=float,
+              help="Size of the synthetic image pairs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> None:
+    """Delta sizes and times over real Cortex-M firmware and synthetic pairs."""
+    from shoal.bench_delta import run
+
+    run(corpus=corpus, synthetic_bytes=int(synthetic_mib * 1024 * 1024), as_json=as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
