@@ -82,7 +82,9 @@ class VerifiedArtifact:
         self.signed_manifest = signed_manifest
         self.key_id = key_id
 
-    def rebuild_image(self, base_image: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    def rebuild_image(
+        self, base_image: bytes | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> bytes:
         """The full firmware image, applying the delta to ``base_image`` if needed.
 
         Raises BaseMismatch when the base is missing or not the signed base,
@@ -189,7 +191,9 @@ def build_delta_artifact(
     patch = delta.make_patch(base_image, target_image)
     if len(patch) > max_ratio * len(target_image):
         manifest = replace(target.manifest, created_s=created_s)
-        return DeltaOutcome(build_artifact(manifest, target_image, key), False, len(patch), len(target_image))
+        return DeltaOutcome(
+            build_artifact(manifest, target_image, key), False, len(patch), len(target_image)
+        )
     manifest = replace(
         target.manifest,
         payload_kind=PayloadKind.BSDIFF4,

@@ -45,7 +45,9 @@ def decode(data: bytes, what: str, *, max_depth: int = DEFAULT_LIMITS.max_cbor_d
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise MalformedError(what, f"not valid CBOR ({_first_line(exc)})") from exc
     if stream.tell() != len(data):
-        raise MalformedError(what, f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
+        raise MalformedError(
+            what, f"{len(data) - stream.tell()} trailing bytes after the CBOR item"
+        )
     return value
 
 

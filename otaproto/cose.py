@@ -54,7 +54,9 @@ def sign_manifest_item(manifest: Manifest, key: SigningKey) -> cbor2.CBORTag:
     protected = cbor.encode({HEADER_ALG: key.algorithm.cose_id, HEADER_KID: key.public_key.key_id})
     payload = manifest.to_cbor()
     signature = key.sign(_sig_structure(protected, payload))
-    return SignedParts(key.algorithm, key.public_key.key_id, protected, payload, signature).to_item()
+    return SignedParts(
+        key.algorithm, key.public_key.key_id, protected, payload, signature
+    ).to_item()
 
 
 def sign_manifest(manifest: Manifest, key: SigningKey) -> bytes:

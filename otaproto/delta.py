@@ -100,7 +100,9 @@ def _check_control(control: bytes, new_size: int, diff_len: int, extra_len: int)
         add = _offtin(control[at : at + 8])
         copy = _offtin(control[at + 8 : at + 16])
         if add < 0 or copy < 0:
-            raise DeltaError(f"patch control entry {at // CONTROL_ENTRY_BYTES} has a negative length")
+            raise DeltaError(
+                f"patch control entry {at // CONTROL_ENTRY_BYTES} has a negative length"
+            )
         if new_pos + add + copy > new_size:
             raise DeltaError(
                 f"patch control entry {at // CONTROL_ENTRY_BYTES} writes past the image size"

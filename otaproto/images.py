@@ -57,10 +57,7 @@ def load_image(data: bytes, *, intel_hex: bool, limits: Limits = DEFAULT_LIMITS)
     begin with any byte, ``:`` included. Raises ImageFormatError for an empty
     or unreadable file, LimitExceeded for an image larger than a slot can be.
     """
-    if intel_hex:
-        image = image_from_hex(data, limits)
-    else:
-        image = data
+    image = image_from_hex(data, limits) if intel_hex else data
     if not image:
         raise ImageFormatError("image is empty")
     if len(image) > limits.max_image_bytes:

@@ -216,7 +216,9 @@ def _check_consistency(m: Manifest, limits: Limits) -> None:
         if m.payload_size != m.image_size or m.payload_digest != m.image_digest:
             raise MalformedError("manifest.payload_digest", "a full payload must be the image")
     elif m.base_digest is None or m.base_version is None:
-        raise MalformedError("manifest.base_digest", "a delta must name its base digest and version")
+        raise MalformedError(
+            "manifest.base_digest", "a delta must name its base digest and version"
+        )
 
 
 def _uint(raw: dict[Any, Any], key: Key) -> int:

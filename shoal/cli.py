@@ -63,10 +63,20 @@ def keys() -> None:
 
 
 @keys.command("generate")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
-@click.option("--algorithm", type=click.Choice([a.value for a in Algorithm]), default="ed25519",
-              show_default=True, help="Signature algorithm.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for NAME.key (private, mode 0600) and NAME.pub.",
+)
+@click.option(
+    "--algorithm",
+    type=click.Choice([a.value for a in Algorithm]),
+    default="ed25519",
+    show_default=True,
+    help="Signature algorithm.",
+)
 @click.option("--name", default="release", show_default=True, help="Base name of the key files.")
 @click.option("--force", is_flag=True, help="Replace existing key files.")
 def keys_generate(out_dir: Path, algorithm: str, name: str, force: bool) -> None:
@@ -78,8 +88,10 @@ def keys_generate(out_dir: Path, algorithm: str, name: str, force: bool) -> None
     key = SigningKey.generate(Algorithm(algorithm))
     write_atomic(private_path, key.to_pem(), mode=0o600)
     write_atomic(public_path, key.public_key.to_pem(), mode=0o644)
-    click.echo(f"{private_path} (private, {algorithm}), {public_path} "
-               f"(key id {key.public_key.key_id.hex()})")
+    click.echo(
+        f"{private_path} (private, {algorithm}), {public_path} "
+        f"(key id {key.public_key.key_id.hex()})"
+    )
 
 
 # --- artifact ---------------------------------------------------------------
@@ -146,21 +158,45 @@ def _parse_metadata(pairs: Sequence[str]) -> dict[str, str]:
 @artifact.command("build")
 @click.argument("image", type=EXISTING_FILE)
 @click.option("--version", "version", required=True, help="Version string, e.g. 1.4.2.")
-@click.option("--seq", "sequence", required=True, type=click.IntRange(0, 2**64 - 1),
-              help="Sequence number; nodes refuse anything not newer than what they run.")
-@click.option("--device-type", "device_types", required=True, multiple=True,
-              help="Compatible device type (repeat for several).")
+@click.option(
+    "--seq",
+    "sequence",
+    required=True,
+    type=click.IntRange(0, 2**64 - 1),
+    help="Sequence number; nodes refuse anything not newer than what they run.",
+)
+@click.option(
+    "--device-type",
+    "device_types",
+    required=True,
+    multiple=True,
+    help="Compatible device type (repeat for several).",
+)
 @click.option("--key", "key_path", required=True, type=EXISTING_FILE, help="Private release key.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", default=None, help="Artifact name (default: the image file's stem).")
 @click.option("--meta", multiple=True, help="Free-form metadata KEY=VALUE (repeatable).")
-def artifact_build(image: Path, version: str, sequence: int, device_types: tuple[str, ...],
-                   key_path: Path, out: Path, name: str | None, meta: tuple[str, ...]) -> None:
-    """Sign IMAGE (.bin raw, .hex Intel HEX, or an imgtool-signed MCUboot image) as a full artifact."""
+def artifact_build(
+    image: Path,
+    version: str,
+    sequence: int,
+    device_types: tuple[str, ...],
+    key_path: Path,
+    out: Path,
+    name: str | None,
+    meta: tuple[str, ...],
+) -> None:
+    """Sign IMAGE (raw .bin, Intel .hex, or an imgtool-signed MCUboot image) as an artifact."""
     key = _load_signing_key(key_path)
     data = build_full_artifact(
-        _read_image(image), name=name or image.stem, version=version, sequence=sequence,
-        device_types=device_types, key=key, created_s=_now_s(), metadata=_parse_metadata(meta),
+        _read_image(image),
+        name=name or image.stem,
+        version=version,
+        sequence=sequence,
+        device_types=device_types,
+        key=key,
+        created_s=_now_s(),
+        metadata=_parse_metadata(meta),
     )
     write_atomic(out, data)
     click.echo(f"{out}: full artifact, {len(data)} bytes")
@@ -171,13 +207,28 @@ def artifact_build(image: Path, version: str, sequence: int, device_types: tuple
 @click.argument("target_artifact", type=EXISTING_FILE)
 @click.option("--key", "key_path", required=True, type=EXISTING_FILE, help="Private release key.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--trust", "trust", multiple=True, type=EXISTING_FILE,
-              help="Keys the two inputs are checked with (default: the public half of --key).")
-@click.option("--max-ratio", default=DEFAULT_MAX_DELTA_RATIO, show_default=True,
-              type=click.FloatRange(0.0, 1.0),
-              help="Build the full artifact instead when the patch is larger than this share.")
-def artifact_delta(base_artifact: Path, target_artifact: Path, key_path: Path, out: Path,
-                   trust: tuple[Path, ...], max_ratio: float) -> None:
+@click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Keys the two inputs are checked with (default: the public half of --key).",
+)
+@click.option(
+    "--max-ratio",
+    default=DEFAULT_MAX_DELTA_RATIO,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Build the full artifact instead when the patch is larger than this share.",
+)
+def artifact_delta(
+    base_artifact: Path,
+    target_artifact: Path,
+    key_path: Path,
+    out: Path,
+    trust: tuple[Path, ...],
+    max_ratio: float,
+) -> None:
     """Build a bsdiff4 delta artifact from BASE_ARTIFACT to TARGET_ARTIFACT."""
     key = _load_signing_key(key_path)
     trusted = _load_trust(trust) if trust else TrustedKeys([key.public_key])
@@ -186,28 +237,44 @@ def artifact_delta(base_artifact: Path, target_artifact: Path, key_path: Path, o
     outcome = build_delta_artifact(base, target, key, created_s=_now_s(), max_ratio=max_ratio)
     write_atomic(out, outcome.artifact)
     if outcome.used_delta:
-        click.echo(f"{out}: delta {base.manifest.version} -> {target.manifest.version}, "
-                   f"{len(outcome.artifact)} bytes ({outcome.ratio:.1%} of the image)")
+        click.echo(
+            f"{out}: delta {base.manifest.version} -> {target.manifest.version}, "
+            f"{len(outcome.artifact)} bytes ({outcome.ratio:.1%} of the image)"
+        )
     else:
-        click.echo(f"{out}: the delta would be {outcome.ratio:.1%} of the image (over "
-                   f"{max_ratio:.0%}), so this is the full artifact, {len(outcome.artifact)} bytes")
+        click.echo(
+            f"{out}: the delta would be {outcome.ratio:.1%} of the image (over "
+            f"{max_ratio:.0%}), so this is the full artifact, {len(outcome.artifact)} bytes"
+        )
 
 
 def _manifest_json(m: Manifest) -> dict[str, Any]:
     return {
-        "name": m.name, "version": m.version, "sequence": m.sequence,
-        "device_types": list(m.device_types), "image_size": m.image_size,
-        "image_sha256": m.image_digest.hex(), "payload_kind": str(m.payload_kind),
-        "payload_size": m.payload_size, "payload_sha256": m.payload_digest.hex(),
+        "name": m.name,
+        "version": m.version,
+        "sequence": m.sequence,
+        "device_types": list(m.device_types),
+        "image_size": m.image_size,
+        "image_sha256": m.image_digest.hex(),
+        "payload_kind": str(m.payload_kind),
+        "payload_size": m.payload_size,
+        "payload_sha256": m.payload_digest.hex(),
         "base_sha256": m.base_digest.hex() if m.base_digest else None,
-        "base_version": m.base_version, "created": m.created_s, "metadata": dict(m.metadata),
+        "base_version": m.base_version,
+        "created": m.created_s,
+        "metadata": dict(m.metadata),
     }
 
 
 @artifact.command("inspect")
 @click.argument("file", type=EXISTING_FILE)
-@click.option("--trust", "trust", multiple=True, type=EXISTING_FILE,
-              help="Also check the signature with these keys.")
+@click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Also check the signature with these keys.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def artifact_inspect(file: Path, trust: tuple[Path, ...], as_json: bool) -> None:
     """Show what an artifact contains; says whether its signature was checked."""
@@ -216,8 +283,10 @@ def artifact_inspect(file: Path, trust: tuple[Path, ...], as_json: bool) -> None
     if trust:
         verify_artifact(data, _load_trust(trust))
     report = {
-        **_manifest_json(info.manifest), "artifact_size": info.artifact_size,
-        "algorithm": str(info.algorithm), "key_id": info.key_id.hex(),
+        **_manifest_json(info.manifest),
+        "artifact_size": info.artifact_size,
+        "algorithm": str(info.algorithm),
+        "key_id": info.key_id.hex(),
         "signature_checked": bool(trust),
     }
     if as_json:
@@ -231,19 +300,39 @@ def artifact_inspect(file: Path, trust: tuple[Path, ...], as_json: bool) -> None
 
 @artifact.command("verify")
 @click.argument("file", type=EXISTING_FILE)
-@click.option("--trust", "trust", required=True, multiple=True, type=EXISTING_FILE,
-              help="Trusted public key (repeat for several).")
-@click.option("--base", "base", type=EXISTING_FILE,
-              help="For a delta: the base image (.bin/.hex) or its full artifact.")
+@click.option(
+    "--trust",
+    "trust",
+    required=True,
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Trusted public key (repeat for several).",
+)
+@click.option(
+    "--base",
+    "base",
+    type=EXISTING_FILE,
+    help="For a delta: the base image (.bin/.hex) or its full artifact.",
+)
 @click.option("--device-type", default=None, help="Refuse unless the artifact is for this type.")
-@click.option("--installed-seq", type=click.IntRange(0, 2**64 - 1), default=None,
-              help="Refuse unless the sequence number is newer than this.")
-def artifact_verify(file: Path, trust: tuple[Path, ...], base: Path | None,
-                    device_type: str | None, installed_seq: int | None) -> None:
+@click.option(
+    "--installed-seq",
+    type=click.IntRange(0, 2**64 - 1),
+    default=None,
+    help="Refuse unless the sequence number is newer than this.",
+)
+def artifact_verify(
+    file: Path,
+    trust: tuple[Path, ...],
+    base: Path | None,
+    device_type: str | None,
+    installed_seq: int | None,
+) -> None:
     """Verify an artifact: exit 0 when valid, else exit 1 naming what failed."""
     trusted = _load_trust(trust)
-    verified = verify_artifact(_read_artifact(file), trusted, device_type=device_type,
-                               installed_sequence=installed_seq)
+    verified = verify_artifact(
+        _read_artifact(file), trusted, device_type=device_type, installed_sequence=installed_seq
+    )
     m = verified.manifest
     note = ""
     if m.is_delta:
@@ -253,16 +342,28 @@ def artifact_verify(file: Path, trust: tuple[Path, ...], base: Path | None,
         else:
             verified.rebuild_image(base_image)
             note = f" (rebuilt from {m.base_version}: image digest matches)"
-    click.echo(f"valid: {m.name} {m.version} seq {m.sequence} {m.payload_kind}, "
-               f"key {verified.key_id.hex()}{note}")
+    click.echo(
+        f"valid: {m.name} {m.version} seq {m.sequence} {m.payload_kind}, "
+        f"key {verified.key_id.hex()}{note}"
+    )
 
 
 @artifact.command("extract")
 @click.argument("file", type=EXISTING_FILE)
-@click.option("--trust", "trust", required=True, multiple=True, type=EXISTING_FILE,
-              help="Trusted public key (repeat for several).")
-@click.option("--base", "base", type=EXISTING_FILE,
-              help="For a delta: the base image (.bin/.hex) or its full artifact.")
+@click.option(
+    "--trust",
+    "trust",
+    required=True,
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Trusted public key (repeat for several).",
+)
+@click.option(
+    "--base",
+    "base",
+    type=EXISTING_FILE,
+    help="For a delta: the base image (.bin/.hex) or its full artifact.",
+)
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def artifact_extract(file: Path, trust: tuple[Path, ...], base: Path | None, out: Path) -> None:
     """Verify an artifact and write the full firmware image, applying a delta."""
@@ -282,10 +383,19 @@ def bench() -> None:
 
 
 @bench.command("delta")
-@click.option("--corpus", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of firmware pairs NAME-v1.bin/NAME-v2.bin (default: build the examples).")
-@click.option("--synthetic-mib", default=1.0, show_default=True, type=float,
-              help="Size of the synthetic image pairs.")
+@click.option(
+    "--corpus",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of firmware pairs NAME-v1.bin/NAME-v2.bin (default: build the examples).",
+)
+@click.option(
+    "--synthetic-mib",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Size of the synthetic image pairs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> None:
     """Delta sizes and times over real Cortex-M firmware and synthetic pairs."""
