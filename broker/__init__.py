@@ -1,1 +1,1 @@
-"""The embedded MQTT broker and configuration for external brokers (arrives with the MQTT backbone issue)."""
+"""The embedded MQTT broker and configs for external brokers (arrives with the MQTT issue)."""

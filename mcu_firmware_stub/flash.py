@@ -166,7 +166,7 @@ class Flash:
         self._faults = faults
         self._stall = stall
         # Seeded once per lifetime so a reopened node replays the same cuts.
-        self._rng = random.Random(faults.seed)  # noqa: S311 - fault injection, not crypto
+        self._rng = random.Random(faults.seed)
         self._erased_page = bytes([ERASED_BYTE]) * page_bytes
         self._ops_done = 0
         self._busy_s = 0.0
