@@ -6,6 +6,7 @@ status 1 (no traceback); click's usage errors exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -374,6 +375,280 @@ def artifact_extract(file: Path, trust: tuple[Path, ...], base: Path | None, out
     click.echo(f"{out}: {verified.manifest.version}, {len(image)} bytes")
 
 
+# --- serial: flash, mcu-sim, wire -------------------------------------------
+
+#: ``shoal flash`` exit statuses (documented in docs/serial-protocol.md).
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_REJECTED = 3
+EXIT_ROLLED_BACK = 4
+EXIT_LINK_LOST = 5
+#: ``shoal mcu-sim`` exits with this when a fault knob cut its power.
+EXIT_POWER_CUT = 75
+
+
+@main.command("flash")
+@click.option("--port", required=True, help="Serial port: /dev/ttyUSB0, a pty path, socket://h:p.")
+@click.option("--artifact", "artifact_path", required=True, type=EXISTING_FILE)
+@click.option(
+    "--trust",
+    "trust",
+    required=True,
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Trusted public key (repeat for several).",
+)
+@click.option(
+    "--base",
+    "base",
+    type=EXISTING_FILE,
+    help="For a delta: the base image (.bin/.hex) or its full artifact.",
+)
+@click.option("--baud", default=115200, show_default=True, type=click.IntRange(300, 20_000_000))
+@click.option("--no-test-boot", is_flag=True, help="Stop once the node verified the image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, no progress bar.")
+def flash(
+    port: str,
+    artifact_path: Path,
+    trust: tuple[Path, ...],
+    base: Path | None,
+    baud: int,
+    no_test_boot: bool,
+    as_json: bool,
+) -> None:
+    """Update one node over serial: verify, rebuild, transfer, test-boot, confirm.
+
+    Exit 0 when the node runs and has confirmed the new image (or already did),
+    1 for a bad artifact, 3 when the node refused it, 4 when it rolled back,
+    5 when the link was lost.
+    """
+    from gateway_proxy.serial_driver import Progress, config_for_baud, flash_node
+    from otaio.serial_link import SerialLink
+    from otaproto.node_sender import UpdateState
+
+    trusted = _load_trust(trust)
+    verified = verify_artifact(_read_artifact(artifact_path), trusted)
+    image = verified.rebuild_image(_base_image(base, trusted))
+    config = config_for_baud(baud, test_boot=not no_test_boot)
+
+    def open_link() -> SerialLink:
+        return SerialLink(port, baud=baud)
+
+    if as_json:
+        report = flash_node(open_link, verified, image, config=config)
+    else:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import (
+            Progress as Bar,
+        )
+
+        with Bar(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as bar:
+            task = bar.add_task(f"{verified.manifest.version} -> {port}", total=len(image))
+
+            def show(p: Progress) -> None:
+                bar.update(task, completed=p.acked_bytes, description=f"{p.state:>10}")
+
+            report = flash_node(open_link, verified, image, config=config, progress=show)
+    outcome = {
+        "state": str(report.state),
+        "reason": report.reason,
+        "image_bytes": report.image_bytes,
+        "data_bytes_sent": report.data_bytes_sent,
+        "resent_bytes": report.resent_bytes,
+        "resumed_from": report.resumed_from,
+        "link_reopens": report.link_reopens,
+        "seconds_to_verified": report.seconds_to_verified,
+        "seconds_total": report.seconds_total,
+    }
+    click.echo(json.dumps(outcome) if as_json else f"{report.state}: {report.reason}")
+    codes = {
+        UpdateState.SUCCEEDED: EXIT_OK,
+        UpdateState.ALREADY_INSTALLED: EXIT_OK,
+        UpdateState.VERIFIED: EXIT_OK,
+        UpdateState.REJECTED: EXIT_REJECTED,
+        UpdateState.ROLLED_BACK: EXIT_ROLLED_BACK,
+    }
+    sys.exit(codes.get(report.state, EXIT_LINK_LOST))
+
+
+@main.command("mcu-sim")
+@click.option("--port", default=None, help="Serial port to serve (a pty path, /dev/tty*...).")
+@click.option("--pty", "make_pty", is_flag=True, help="Create a pty and print its path.")
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the node keeps its flash; the node survives restarts with it.",
+)
+@click.option("--device-type", required=True, help="Device type provisioned into the node.")
+@click.option(
+    "--trust",
+    "trust",
+    required=True,
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Public key provisioned into the node (repeat for several).",
+)
+@click.option(
+    "--initial-artifact",
+    type=EXISTING_FILE,
+    default=None,
+    help="Full artifact programmed into an empty primary slot at first start.",
+)
+@click.option("--slot-kib", default=512, show_default=True, type=click.IntRange(8, 16384))
+@click.option("--page-bytes", default=4096, show_default=True, type=click.IntRange(256, 65536))
+@click.option("--chunk-bytes", default=1024, show_default=True, type=click.IntRange(4, 4096))
+@click.option("--window", "window_frames", default=4, show_default=True, type=click.IntRange(1, 32))
+@click.option(
+    "--flash-timing/--no-flash-timing",
+    default=True,
+    show_default=True,
+    help="Model nRF52840 flash times (4 KiB erase 85 ms, word write 41 us).",
+)
+@click.option("--erase-slowdown", default=1.0, show_default=True, type=click.FloatRange(1.0, 1000))
+@click.option(
+    "--cut-after-ops",
+    default=None,
+    type=click.IntRange(0, None),
+    help="Cut the power after this many flash operations (exit 75).",
+)
+@click.option(
+    "--random-cut",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Probability of a power cut at each flash operation.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random cuts.")
+@click.option(
+    "--fail-self-test",
+    multiple=True,
+    help="Version whose self-test fails after a test boot (repeatable).",
+)
+def mcu_sim(
+    port: str | None,
+    make_pty: bool,
+    state_dir: Path,
+    device_type: str,
+    trust: tuple[Path, ...],
+    initial_artifact: Path | None,
+    slot_kib: int,
+    page_bytes: int,
+    chunk_bytes: int,
+    window_frames: int,
+    flash_timing: bool,
+    erase_slowdown: float,
+    cut_after_ops: int | None,
+    random_cut: float,
+    seed: int,
+    fail_self_test: tuple[str, ...],
+) -> None:
+    """Run one simulated MCU node on a serial port or a new pty."""
+    from mcu_firmware_stub.flash import FlashFaults, FlashTiming, PowerCut
+    from mcu_firmware_stub.node import NodeConfig, SimulatedNode
+    from otaio.serial_link import Link, PtyLink, SerialLink
+
+    if (port is None) == (not make_pty):
+        raise UsageError("give exactly one of --port PATH or --pty")
+    trusted = _load_trust(trust)
+    initial = (
+        verify_artifact(_read_artifact(initial_artifact), trusted) if initial_artifact else None
+    )
+    config = NodeConfig(
+        state_dir=state_dir,
+        device_type=device_type,
+        trusted=trusted,
+        slot_bytes=slot_kib * 1024,
+        page_bytes=page_bytes,
+        chunk_bytes=chunk_bytes,
+        window_frames=window_frames,
+        timing=FlashTiming() if flash_timing else FlashTiming.off(),
+        faults=FlashFaults(
+            cut_after_ops=cut_after_ops,
+            random_cut_probability=random_cut,
+            erase_slowdown=erase_slowdown,
+            torn_writes=True,
+            seed=seed,
+        ),
+        fail_self_test=frozenset(fail_self_test),
+    )
+
+    def log(line: str) -> None:
+        click.echo(f"mcu-sim: {line}", err=True)
+
+    try:
+        node = SimulatedNode(config, initial=initial, log=log)
+        link: Link = PtyLink() if make_pty else SerialLink(port or "")
+        if isinstance(link, PtyLink):
+            click.echo(link.path)
+        else:
+            click.echo(port)
+        sys.stdout.flush()
+        node.run(link)
+    except PowerCut:
+        log("power cut")
+        sys.exit(EXIT_POWER_CUT)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@main.command("wire")
+@click.option("--baud", default=115200, show_default=True, type=click.IntRange(300, 20_000_000))
+@click.option(
+    "--ber", "bit_error_rate", default=0.0, show_default=True, type=float, help="Bit error rate."
+)
+@click.option("--drop-rate", default=0.0, show_default=True, type=float, help="Byte drop rate.")
+@click.option(
+    "--noise-rate", default=0.0, show_default=True, type=float, help="Noise bursts per second."
+)
+@click.option(
+    "--disconnect-after",
+    default=None,
+    type=click.IntRange(1, None),
+    help="Bytes after which the line goes dead.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def wire(
+    baud: int,
+    bit_error_rate: float,
+    drop_rate: float,
+    noise_rate: float,
+    disconnect_after: int | None,
+    seed: int,
+) -> None:
+    """Join two new ptys at a baud rate (a UART for tests): prints both paths, runs until ^C."""
+    import threading
+
+    from otaio.wire import PacedWire, WireConfig
+
+    config = WireConfig(
+        baud=baud,
+        bit_error_rate=bit_error_rate,
+        drop_byte_rate=drop_rate,
+        noise_burst_rate_hz=noise_rate,
+        disconnect_after_bytes=disconnect_after,
+        seed=seed,
+    )
+    with PacedWire(config) as paced:
+        click.echo(f"{paced.a_path} {paced.b_path}")
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
 # --- bench ------------------------------------------------------------------
 
 
@@ -402,6 +677,17 @@ def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> Non
     from shoal.bench_delta import run
 
     run(corpus=corpus, synthetic_bytes=int(synthetic_mib * 1024 * 1024), as_json=as_json)
+
+
+@bench.command("serial")
+@click.option("--image-kib", default=256, show_default=True, type=click.IntRange(4, 8192))
+@click.option("--only", default=None, help="Run only the runs whose name contains this.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def bench_serial(image_kib: int, only: str | None, as_json: bool) -> None:
+    """Serial goodput through a paced line, against the line or flash limit."""
+    from shoal.bench_serial import run
+
+    run(image_kib=image_kib, only=only, as_json=as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover
