@@ -222,6 +222,8 @@ class NodeReceiver:
         resume = self._store.begin_receive(signed, manifest)
         self._move(Event.BEGIN)
         self._session = _Session(msg.id, manifest, resume, durable_offset=resume)
+        if resume == manifest.image_size:
+            self._move(Event.LAST_DATA)  # everything is already in flash: FINISH may follow
         return Reaction([nl.encode(nl.MsgType.BEGIN_OK, msg.id, resume)])
 
     def _check_manifest(self, signed: bytes) -> Manifest:

@@ -74,7 +74,7 @@ U = UpdateState
 TRANSITIONS: dict[UpdateState, frozenset[UpdateState]] = {
     U.IDLE: frozenset({U.HELLO}),
     U.HELLO: frozenset({U.BEGIN, U.REBOOTING, U.ALREADY_INSTALLED, U.REJECTED}),
-    U.BEGIN: frozenset({U.SENDING, U.REJECTED, U.HELLO}),
+    U.BEGIN: frozenset({U.SENDING, U.FINISHING, U.REJECTED, U.HELLO}),
     U.SENDING: frozenset({U.PROBING, U.FINISHING, U.HELLO}),
     U.PROBING: frozenset({U.SENDING, U.FINISHING, U.HELLO}),
     U.FINISHING: frozenset({U.VERIFIED, U.TEST_BOOT, U.HELLO}),

@@ -1,0 +1,124 @@
+"""Real simulated nodes for integration tests: flash files, ptys, threads and processes.
+
+Every helper cleans up what it started: threads are stopped and joined,
+processes are terminated by their own id, ptys and flash files are closed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mcu_firmware_stub.flash import FlashFaults, FlashTiming
+from mcu_firmware_stub.node import NodeConfig, SimulatedNode
+from otaio.serial_link import PtyLink
+from otaproto.artifact import VerifiedArtifact, build_full_artifact, verify_artifact
+from otaproto.keys import SigningKey, TrustedKeys
+from shoal.synthetic import evolve, firmware_like
+
+DEVICE = "nrf52840"
+KEY = SigningKey.from_ed25519_seed(bytes(range(32)))
+TRUST = TrustedKeys([KEY.public_key])
+
+
+def make_artifact(
+    image: bytes, version: str, sequence: int, key: SigningKey = KEY
+) -> VerifiedArtifact:
+    data = build_full_artifact(
+        image, name="app", version=version, sequence=sequence, device_types=(DEVICE,), key=key,
+        created_s=0,
+    )  # fmt: skip
+    return verify_artifact(data, TrustedKeys([key.public_key]))
+
+
+@dataclass(frozen=True)
+class Images:
+    old: VerifiedArtifact
+    new: VerifiedArtifact
+
+
+def images(size_bytes: int) -> Images:
+    old = firmware_like(size_bytes, seed=11)
+    new = evolve(old, seed=12, insert_bytes=256)[:size_bytes]
+    return Images(make_artifact(old, "1.0.0", 1), make_artifact(new, "2.0.0", 2))
+
+
+def node_config(state: Path, **overrides: object) -> NodeConfig:
+    values: dict[str, object] = {
+        "state_dir": state, "device_type": DEVICE, "trusted": TRUST, "slot_bytes": 64 * 1024,
+        "page_bytes": 4096, "chunk_bytes": 1024, "window_frames": 4,
+        "timing": FlashTiming.off(), "faults": FlashFaults(),
+    }  # fmt: skip
+    values.update(overrides)
+    return NodeConfig(**values)  # type: ignore[arg-type]
+
+
+class NodeThread:
+    """A SimulatedNode serving a new pty from a thread; ``path`` is the gateway's end."""
+
+    def __init__(self, node: SimulatedNode) -> None:
+        self.node = node
+        self.link = PtyLink()
+        self.path = self.link.path
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="simulated-node", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.node.run(self.link, self._stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "node thread did not stop"
+        self.link.close()
+        self.node.close()
+
+
+@contextmanager
+def node_on_pty(config: NodeConfig, initial: VerifiedArtifact | None) -> Iterator[NodeThread]:
+    thread = NodeThread(SimulatedNode(config, initial=initial))
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def write_keys(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "release.pub").write_bytes(KEY.public_key.to_pem())
+    (folder / "release.key").write_bytes(KEY.to_pem())
+    return folder
+
+
+def shoal(*args: str) -> list[str]:
+    """The argv of a ``shoal`` subcommand run by this interpreter."""
+    return [sys.executable, "-m", "shoal.cli", *args]
+
+
+@contextmanager
+def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a process; terminate (then kill) exactly it at the end."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
