@@ -51,14 +51,16 @@ def decode(data: bytes, what: str, *, max_depth: int = DEFAULT_LIMITS.max_cbor_d
     return value
 
 
-def decode_deterministic(data: bytes, what: str) -> Any:
+def decode_deterministic(
+    data: bytes, what: str, *, max_depth: int = DEFAULT_LIMITS.max_cbor_depth
+) -> Any:
     """Decode like :func:`decode`, then require the deterministic encoding.
 
     Signed structures must have exactly one encoding, else two artifacts with
     different bytes could carry the same meaning (or a verifier and a node could
     disagree about it). Raises MalformedError.
     """
-    value = decode(data, what)
+    value = decode(data, what, max_depth=max_depth)
     try:
         again = encode(value)
     except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:

@@ -165,14 +165,21 @@ class NodeReceiver:
             msg = nl.decode(body)
         except MalformedError as exc:
             self.frames_rejected += 1
-            return Reaction([nl.error(0, nl.ErrorCode.MALFORMED, str(exc))])
+            return Reaction([nl.error(nl.request_id_of(body), nl.ErrorCode.MALFORMED, str(exc))])
         handler = _HANDLERS.get(msg.type)
         if handler is None:
             self.frames_rejected += 1
             return Reaction(
                 [nl.error(msg.id, nl.ErrorCode.MALFORMED, f"{msg.type.name} is not a request")]
             )
-        return handler(self, msg)
+        try:
+            return handler(self, msg)
+        except (UsageError, InvalidInput) as exc:
+            # The store refused what the checks above let through: report it,
+            # forget the session and keep serving; an MCU must not hang on it.
+            self._session = None
+            self.state = TransferState.IDLE
+            return Reaction([nl.error(msg.id, nl.ErrorCode.INTERNAL, str(exc))])
 
     def frame_error(self, reason: str) -> Reaction:
         """React to a frame the framing layer refused (``oversize``, ``crc``, ...).
@@ -219,7 +226,10 @@ class NodeReceiver:
             manifest = self._check_manifest(signed)
         except _Refusal as refusal:
             return Reaction([nl.error(msg.id, refusal.code, refusal.text)])
-        resume = self._store.begin_receive(signed, manifest)
+        try:
+            resume = self._store.begin_receive(signed, manifest)
+        except LimitExceeded as exc:
+            return Reaction([nl.error(msg.id, nl.ErrorCode.TOO_LARGE, str(exc))])
         self._move(Event.BEGIN)
         self._session = _Session(msg.id, manifest, resume, durable_offset=resume)
         if resume == manifest.image_size:
@@ -261,15 +271,15 @@ class NodeReceiver:
         offset: int = msg.fields[0]
         chunk: bytes = msg.fields[1]
         session = self._session
-        if (
-            session is None
-            or msg.id != session.session_id
-            or self.state is not TransferState.RECEIVING
-        ):
+        if session is not None and msg.id != session.session_id:
             self.frames_rejected += 1
-            if session is not None and msg.id != session.session_id:
-                return Reaction()  # a straggler of an older session: drop quietly
+            return Reaction()  # a straggler of an older session: drop quietly
+        if session is None:
+            self.frames_rejected += 1
             return Reaction([nl.error(msg.id, nl.ErrorCode.BAD_STATE, "DATA before BEGIN")])
+        if self.state is not TransferState.RECEIVING:
+            # All of it is in already; a repeat means our last ACK was lost.
+            return Reaction([nl.ack(msg.id, session.next_offset, 0)])
         size = session.manifest.image_size
         chunk_bytes = self.limits.chunk_bytes
         if offset + len(chunk) > size:
@@ -280,6 +290,7 @@ class NodeReceiver:
         if (
             offset % chunk_bytes
             or not chunk
+            or len(chunk) > chunk_bytes
             or (len(chunk) != chunk_bytes and offset + len(chunk) != size)
         ):
             self.frames_rejected += 1
@@ -352,6 +363,10 @@ class NodeReceiver:
         )
 
     def _test_boot(self, msg: nl.Message) -> Reaction:
+        if (self.state, Event.TEST_BOOT) not in TRANSITIONS:
+            return Reaction(
+                [nl.error(msg.id, nl.ErrorCode.BAD_STATE, f"TEST_BOOT while {self.state}")]
+            )
         try:
             self._store.request_test_boot()
         except UsageError as exc:

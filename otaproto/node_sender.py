@@ -70,17 +70,19 @@ FINAL_STATES = frozenset(
 )
 
 U = UpdateState
-#: Allowed moves. Any state may also go to FAILED (timeouts, link lost).
+#: Allowed moves. Any state that is not final may also go to FAILED (timeouts,
+#: link lost, a node that keeps failing) and back to HELLO (the link was
+#: reopened, or the node lost the session: start over from what it reports).
 TRANSITIONS: dict[UpdateState, frozenset[UpdateState]] = {
     U.IDLE: frozenset({U.HELLO}),
-    U.HELLO: frozenset({U.BEGIN, U.REBOOTING, U.ALREADY_INSTALLED, U.REJECTED}),
-    U.BEGIN: frozenset({U.SENDING, U.FINISHING, U.REJECTED, U.HELLO}),
-    U.SENDING: frozenset({U.PROBING, U.FINISHING, U.HELLO}),
-    U.PROBING: frozenset({U.SENDING, U.FINISHING, U.HELLO}),
-    U.FINISHING: frozenset({U.VERIFIED, U.TEST_BOOT, U.HELLO}),
+    U.HELLO: frozenset({U.HELLO, U.BEGIN, U.REBOOTING, U.ALREADY_INSTALLED, U.REJECTED}),
+    U.BEGIN: frozenset({U.HELLO, U.SENDING, U.FINISHING, U.REJECTED}),
+    U.SENDING: frozenset({U.HELLO, U.PROBING, U.FINISHING}),
+    U.PROBING: frozenset({U.HELLO, U.SENDING, U.FINISHING}),
+    U.FINISHING: frozenset({U.HELLO, U.VERIFIED, U.TEST_BOOT}),
     U.VERIFIED: frozenset(),
-    U.TEST_BOOT: frozenset({U.REBOOTING}),
-    U.REBOOTING: frozenset({U.SUCCEEDED, U.ROLLED_BACK}),
+    U.TEST_BOOT: frozenset({U.HELLO, U.REBOOTING}),
+    U.REBOOTING: frozenset({U.HELLO, U.SUCCEEDED, U.ROLLED_BACK}),
     U.SUCCEEDED: frozenset(),
     U.ROLLED_BACK: frozenset(),
     U.ALREADY_INSTALLED: frozenset(),
@@ -88,14 +90,14 @@ TRANSITIONS: dict[UpdateState, frozenset[UpdateState]] = {
     U.FAILED: frozenset(),
 }
 
-#: ERROR codes that mean "the node will never take this image".
+#: ERROR codes that mean "the node will never take this image". BUSY is not
+#: one: a test boot in progress ends, and the update may be retried later.
 REJECTIONS = frozenset(
     {
         nl.ErrorCode.SIGNATURE,
         nl.ErrorCode.DEVICE_TYPE,
         nl.ErrorCode.ROLLBACK,
         nl.ErrorCode.TOO_LARGE,
-        nl.ErrorCode.BUSY,
     }
 )
 
@@ -111,7 +113,8 @@ class SenderConfig:
     reboot_timeout_s: float = 300.0  #: test boot to verdict (a swap is slow)
     link_lost_s: float = 30.0  #: nothing valid from the node for this long: give up
     max_window_frames: int = 32
-    max_chunk_bytes: int = 4096
+    #: Largest chunk this gateway sends; a node that demands bigger is refused.
+    max_chunk_bytes: int = 4000
     test_boot: bool = True  #: False stops at VERIFIED (image staged, not booted)
     max_restarts: int = 3  #: new BEGINs after a node lost the session or a digest failed
 
@@ -143,7 +146,7 @@ class NodeUpdate:
         self._manifest = manifest
         self._image = image
         self.config = config
-        self._next_id = first_id & nl.MAX_ID
+        self._next_id = (first_id - 1) % nl.MAX_ID + 1
         self.state = UpdateState.IDLE
         self.reason = ""
         self.node_info: nl.Info | None = None
@@ -160,6 +163,7 @@ class NodeUpdate:
         self._last_heard_s = 0.0
         self._restarts = 0
         self._reboot_deadline_s = 0.0
+        self._poll_at_s: float | None = None
         self._pending_out: list[bytes] = []
         #: Figures for reports and benchmarks.
         self.resumed_from = 0
@@ -195,7 +199,7 @@ class NodeUpdate:
         """The driver reopened the port: start over from HELLO (progress is on the node)."""
         if self.done:
             return
-        self.state = UpdateState.HELLO
+        self._move(UpdateState.HELLO)
         self._send_request(nl.MsgType.HELLO, now_s, self.config.request_timeout_s)
 
     def receive(self, body: bytes, now_s: float) -> None:
@@ -244,6 +248,9 @@ class NodeUpdate:
             deadlines.append(self._last_progress_s + self.config.ack_timeout_s)
         if self.state is UpdateState.REBOOTING:
             deadlines.append(self._reboot_deadline_s)
+            if self._poll_at_s is not None:
+                deadlines.append(self._poll_at_s)
+            deadlines.remove(self._last_heard_s + self.config.link_lost_s)
         return min(deadlines)
 
     # -- replies ------------------------------------------------------------
@@ -257,6 +264,10 @@ class NodeUpdate:
             return self._fail(f"node sent a bad INFO: {exc}")
         self.node_info = info
         m = self._manifest
+        if info.protocol_version != nl.PROTOCOL_VERSION:
+            self._move(UpdateState.REJECTED)
+            self.reason = f"node speaks protocol version {info.protocol_version}, not 1"
+            return None
         if info.device_type not in m.device_types:
             self._move(UpdateState.REJECTED)
             self.reason = (
@@ -270,15 +281,22 @@ class NodeUpdate:
                 self.reason = f"node already runs {m.version}, confirmed"
                 return None
             return self._start_reboot_wait(now_s)  # under test: wait for the verdict
-        if info.boot_state in ("test_pending", "swapping", "reverting"):
-            return self._start_reboot_wait(now_s)
+        if info.boot_state in ("test_pending", "swapping", "reverting", "testing"):
+            return self._fail(f"node is busy ({info.boot_state} another image): try again later")
         if len(self._signed) + 16 > info.limits.max_frame_bytes:
             self._move(UpdateState.REJECTED)
             self.reason = (
                 f"signed manifest does not fit the node's {info.limits.max_frame_bytes}-byte frames"
             )
             return None
-        self._chunk = min(info.limits.chunk_bytes, self.config.max_chunk_bytes)
+        if info.limits.chunk_bytes > self.config.max_chunk_bytes:
+            self._move(UpdateState.REJECTED)
+            self.reason = (
+                f"node wants {info.limits.chunk_bytes}-byte chunks, "
+                f"this gateway sends at most {self.config.max_chunk_bytes}"
+            )
+            return None
+        self._chunk = info.limits.chunk_bytes
         self._window = min(info.limits.window_frames, self.config.max_window_frames)
         self._move(UpdateState.BEGIN)
         self._send_request(nl.MsgType.BEGIN, now_s, self.config.begin_timeout_s, self._signed)
@@ -350,7 +368,9 @@ class NodeUpdate:
             return None
         self.node_info = info
         running = info.primary.image_digest if info.primary else None
-        if info.boot_state == "confirmed":
+        if info.boot_state != "confirmed":
+            self._poll_at_s = now_s + self.config.request_timeout_s  # no verdict yet: ask again
+        else:
             if running == self._manifest.image_digest:
                 self._move(UpdateState.SUCCEEDED)
                 self.reason = f"node runs {self._manifest.version}, confirmed"
@@ -371,6 +391,8 @@ class NodeUpdate:
         if error_code in REJECTIONS:
             self._move(UpdateState.REJECTED)
             self.reason = f"node refused: {error_code.name.lower()}: {text}"
+        elif error_code is nl.ErrorCode.BUSY:
+            self._fail(f"node is busy: {text}: try again later")
         elif error_code is nl.ErrorCode.BAD_STATE:
             self._restart(now_s, f"node state: {text}")
         else:
@@ -434,11 +456,16 @@ class NodeUpdate:
     # -- timers -------------------------------------------------------------
 
     def _check_timeouts(self, now_s: float) -> None:
-        if now_s - self._last_heard_s >= self.config.link_lost_s:
+        if self.state is UpdateState.REBOOTING:
+            # A swap keeps the node silent for long: only the reboot timeout applies.
+            if now_s >= self._reboot_deadline_s:
+                self._fail("node gave no verdict on the test boot in time")
+                return
+            if self._request is None and self._poll_at_s is not None and now_s >= self._poll_at_s:
+                self._poll_at_s = None
+                self._send_request(nl.MsgType.HELLO, now_s, self.config.request_timeout_s)
+        elif now_s - self._last_heard_s >= self.config.link_lost_s:
             self._fail(f"link lost: nothing from the node for {self.config.link_lost_s:g} s")
-            return
-        if self.state is UpdateState.REBOOTING and now_s >= self._reboot_deadline_s:
-            self._fail("node gave no verdict on the test boot in time")
             return
         request = self._request
         if request is not None and now_s >= request.deadline_s:
@@ -472,7 +499,7 @@ class NodeUpdate:
         if self._restarts > self.config.max_restarts:
             self._fail(f"{why}; gave up after {self.config.max_restarts} restarts")
             return
-        self.state = UpdateState.HELLO
+        self._move(UpdateState.HELLO)
         self._send_request(nl.MsgType.HELLO, now_s, self.config.request_timeout_s)
 
     def _send_request(
@@ -485,7 +512,7 @@ class NodeUpdate:
 
     def _take_id(self) -> int:
         msg_id = self._next_id
-        self._next_id = (self._next_id + 1) & nl.MAX_ID
+        self._next_id = self._next_id % nl.MAX_ID + 1  # 1..65535: 0 is "no request"
         return msg_id
 
     def _fail(self, why: str) -> None:

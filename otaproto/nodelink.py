@@ -15,8 +15,11 @@ Rules (spec: ``docs/serial-protocol.md`` §Messages):
 * Data is acknowledged selectively: ``ACK [session, next, bits]`` says every
   byte below ``next`` is written and which chunks of the window beyond it
   arrived, so the sender repeats only what was lost.
-* Decoding is strict: wrong arity, wrong types, out-of-range integers and
-  unknown types are :class:`~otaproto.errors.MalformedError`.
+* Decoding is strict: the body must be deterministic CBOR (RFC 8949 §4.2.1:
+  shortest forms, sorted map keys, no tags), so a C parser that reads only the
+  shortest forms accepts exactly what this one does; wrong arity, wrong types,
+  out-of-range integers, texts over 128 UTF-8 bytes and unknown types are
+  :class:`~otaproto.errors.MalformedError`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ PROTOCOL_VERSION = 1
 MAX_ID = 0xFFFF
 MAX_OFFSET = 0xFFFFFFFF
 DIGEST_BYTES = 32
+MAX_TEXT_BYTES = 128
 
 
 class MsgType(IntEnum):
@@ -168,11 +172,11 @@ def ack(session: int, next_offset: int, received_bits: int = 0) -> bytes:
 
 
 def error(msg_id: int, code: ErrorCode, text: str) -> bytes:
-    return encode(MsgType.ERROR, msg_id, int(code), text[:120])
+    return encode(MsgType.ERROR, msg_id, int(code), text.encode()[:120].decode(errors="ignore"))
 
 
 def info(msg_id: int, value: Info) -> bytes:
-    """``INFO`` with its map (keys 1..10, see the spec)."""
+    """``INFO`` with its map (keys 1..9, see the spec)."""
     limits = value.limits
     body: dict[int, Any] = {
         1: value.protocol_version,
@@ -201,18 +205,18 @@ def _slot_out(slot: SlotSummary | None) -> list[Any] | None:
 
 def decode(body: bytes) -> Message:
     """Decode one frame body. Raises MalformedError."""
-    raw = cbor.decode(body, "message", max_depth=4)
+    raw = cbor.decode_deterministic(body, "message", max_depth=4)
     if not isinstance(raw, list) or len(raw) < 2:
         raise MalformedError("message", "not an array [type, id, ...]")
     type_value, msg_id = raw[0], raw[1]
+    if not _is_uint(msg_id, MAX_ID):
+        raise MalformedError("message.id", "must be an unsigned 16-bit integer")
     if not _is_uint(type_value, 0xFF):
         raise MalformedError("message.type", "must be an unsigned byte")
     try:
         msg_type = MsgType(type_value)
     except ValueError as exc:
         raise MalformedError("message.type", f"unknown type 0x{type_value:02x}") from exc
-    if not _is_uint(msg_id, MAX_ID):
-        raise MalformedError("message.id", "must be an unsigned 16-bit integer")
     shape = _SHAPES[msg_type]
     fields = raw[2:]
     if len(fields) != len(shape):
@@ -224,6 +228,21 @@ def decode(body: bytes) -> Message:
         for i, (kind, value) in enumerate(zip(shape, fields, strict=True))
     )
     return Message(msg_type, msg_id, checked)
+
+
+def request_id_of(body: bytes) -> int:
+    """The id of a message that failed to decode, when it has one, else 0.
+
+    So that an ERROR about a request this node does not understand (a newer
+    message type, say) still reaches the request that caused it.
+    """
+    try:
+        raw = cbor.decode(body, "message", max_depth=4)
+    except MalformedError:
+        return 0
+    if isinstance(raw, list) and len(raw) >= 2 and _is_uint(raw[1], MAX_ID):
+        return int(raw[1])
+    return 0
 
 
 def decode_info(value: Any) -> Info:
@@ -291,7 +310,7 @@ _KINDS: dict[str, Callable[[Any], bool]] = {
     "u32": lambda v: _is_uint(v, MAX_OFFSET),
     "b": lambda v: isinstance(v, bytes),
     "b32": _is_digest,
-    "t": lambda v: isinstance(v, str) and len(v) <= 128,
+    "t": lambda v: isinstance(v, str) and len(v.encode()) <= MAX_TEXT_BYTES,
     "bool": lambda v: isinstance(v, bool),
     "info": lambda v: isinstance(v, dict),
 }

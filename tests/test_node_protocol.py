@@ -203,3 +203,154 @@ def test_a_bad_write_is_caught_by_the_read_back_digest_and_sent_again(ed_key: Si
     assert update.state is UpdateState.VERIFIED, update.reason
     assert update.data_bytes_sent == 2 * art.manifest.image_size  # started over after DIGEST
     assert_delivered(store, art)
+
+
+# --- edge cases a review of the first version found ----------------------------
+
+
+def info_body(
+    msg_id: int,
+    *,
+    boot_state: str = "confirmed",
+    primary: nl.SlotSummary | None = None,
+    version: int = nl.PROTOCOL_VERSION,
+    chunk: int = 1024,
+) -> bytes:
+    limits = nl.NodeLimits(2200, chunk, 4, 256 * 1024)
+    return nl.info(
+        msg_id, nl.Info(version, "nrf52840", limits, boot_state, primary, None, None, 0, 0, False)
+    )
+
+
+def reply_to_last(update: NodeUpdate, now: float, make: object) -> None:
+    sent = [nl.decode(b) for b in update.poll(now)]
+    assert sent, "the update sent nothing"
+    update.receive(make(sent[-1].id), now)  # type: ignore[operator]
+
+
+def test_the_verdict_wait_keeps_asking_through_testing_and_a_long_silent_swap(
+    ed_key: SigningKey,
+) -> None:
+    art = artifact(ed_key)
+    update = NodeUpdate(art.signed_manifest, art.manifest, art.payload, config=SenderConfig())
+    update.start(0.0)
+    reply_to_last(update, 0.0, lambda i: info_body(i))
+    size = art.manifest.image_size
+    reply_to_last(update, 0.1, lambda i: nl.encode(nl.MsgType.BEGIN_OK, i, size))
+    reply_to_last(
+        update, 0.2, lambda i: nl.encode(nl.MsgType.FINISH_OK, i, art.manifest.image_digest)
+    )
+    reply_to_last(update, 0.3, lambda i: nl.encode(nl.MsgType.TEST_BOOT_OK, i))
+    assert update.state is UpdateState.REBOOTING
+    new = nl.SlotSummary(art.manifest.version, 2, art.manifest.image_digest, size)
+    reply_to_last(update, 0.4, lambda i: info_body(i, boot_state="testing", primary=new))
+    assert update.state is UpdateState.REBOOTING
+    assert update.poll(0.5) == []
+    assert [nl.decode(b).type for b in update.poll(1.5)] == [nl.MsgType.HELLO]  # asks again
+    for t in range(2, 120):  # silent for two minutes, longer than link_lost_s
+        update.poll(float(t))
+    assert update.state is UpdateState.REBOOTING
+    reply_to_last(update, 120.5, lambda i: info_body(i, primary=new))
+    assert update.done
+    assert update.reason == f"node runs {art.manifest.version}, confirmed"
+
+
+@pytest.mark.parametrize(
+    ("info", "state", "reason"),
+    [
+        ({"version": 2}, UpdateState.REJECTED, "protocol version 2"),
+        ({"chunk": 4096}, UpdateState.REJECTED, "4096-byte chunks"),
+        ({"boot_state": "testing"}, UpdateState.FAILED, "busy"),
+    ],
+)
+def test_hello_decisions(
+    ed_key: SigningKey, info: dict[str, object], state: UpdateState, reason: str
+) -> None:
+    art = artifact(ed_key)
+    update = NodeUpdate(art.signed_manifest, art.manifest, art.payload, config=CONFIG)
+    update.start(0.0)
+    reply_to_last(update, 0.0, lambda i: info_body(i, **info))  # type: ignore[arg-type]
+    assert update.state is state
+    assert reason in update.reason
+
+
+def test_busy_is_transient_not_a_rejection(ed_key: SigningKey) -> None:
+    art = artifact(ed_key)
+    update = NodeUpdate(art.signed_manifest, art.manifest, art.payload, config=CONFIG)
+    update.start(0.0)
+    reply_to_last(update, 0.0, lambda i: info_body(i))
+    reply_to_last(update, 0.1, lambda i: nl.error(i, nl.ErrorCode.BUSY, "boot state is testing"))
+    assert update.state is UpdateState.FAILED
+    assert "try again later" in update.reason
+
+
+def test_request_ids_wrap_without_ever_using_zero(ed_key: SigningKey) -> None:
+    art = artifact(ed_key)
+    update = NodeUpdate(
+        art.signed_manifest, art.manifest, art.payload, config=CONFIG, first_id=0xFFFF
+    )
+    update.start(0.0)
+    assert nl.decode(update.poll(0.0)[0]).id == 0xFFFF
+    update.receive(info_body(0xFFFF), 0.0)
+    assert nl.decode(update.poll(0.0)[0]).id == 1
+
+
+def node_receiver(ed_key: SigningKey) -> tuple[NodeReceiver, MemoryStore]:
+    store = MemoryStore(LIMITS.max_image_bytes, PAGE)
+    receiver = NodeReceiver(
+        store,
+        device_type="nrf52840",
+        trusted=TrustedKeys([ed_key.public_key]),
+        limits=LIMITS,
+        page_bytes=PAGE,
+    )
+    return receiver, store
+
+
+def only(reaction_replies: list[bytes]) -> nl.Message:
+    assert len(reaction_replies) == 1
+    return nl.decode(reaction_replies[0])
+
+
+def test_node_repeats_its_ack_for_data_after_the_last_byte(ed_key: SigningKey) -> None:
+    art = artifact(ed_key, size=2048)
+    receiver, _ = node_receiver(ed_key)
+    assert (
+        only(receiver.handle(nl.begin(40, art.signed_manifest)).replies).type is nl.MsgType.BEGIN_OK
+    )
+    for offset in (0, 1024):
+        receiver.handle(nl.data(40, offset, art.payload[offset : offset + 1024]))
+    assert receiver.state is TransferState.COMPLETE
+    again = only(receiver.handle(nl.data(40, 1024, art.payload[1024:])).replies)
+    assert (again.type, again.fields) == (nl.MsgType.ACK, (2048, 0))
+
+
+def test_node_refuses_test_boot_before_finish_without_touching_the_store(
+    ed_key: SigningKey,
+) -> None:
+    art = artifact(ed_key, size=1024)
+    receiver, store = node_receiver(ed_key)
+    receiver.handle(nl.begin(3, art.signed_manifest))
+    receiver.handle(nl.data(3, 0, art.payload))
+    store.verified = True  # the store remembers an earlier verified receive
+    msg = only(receiver.handle(nl.encode(nl.MsgType.TEST_BOOT, 4)).replies)
+    assert (msg.type, msg.fields[0]) == (nl.MsgType.ERROR, nl.ErrorCode.BAD_STATE)
+    assert store.boot_state == "confirmed"
+
+
+def test_unknown_message_types_are_answered_with_the_request_id(ed_key: SigningKey) -> None:
+    receiver, _ = node_receiver(ed_key)
+    msg = only(receiver.handle(b"\x82\x18\x77\x19\x12\x34").replies)
+    assert (msg.type, msg.id, msg.fields[0]) == (nl.MsgType.ERROR, 0x1234, nl.ErrorCode.MALFORMED)
+    assert "unknown type 0x77" in msg.fields[1]
+
+
+def test_non_deterministic_cbor_is_refused_as_a_c_decoder_would(ed_key: SigningKey) -> None:
+    receiver, _ = node_receiver(ed_key)
+    for body in (
+        bytes.fromhex("8204c2421000"),  # STATUS with its id as a bignum
+        bytes.fromhex("82180105"),  # HELLO with its type in a two-byte form
+    ):
+        msg = only(receiver.handle(body).replies)
+        assert (msg.type, msg.fields[0]) == (nl.MsgType.ERROR, nl.ErrorCode.MALFORMED)
+        assert "deterministic" in msg.fields[1]
