@@ -28,7 +28,7 @@ from otaproto.artifact import (
     inspect_artifact,
     verify_artifact,
 )
-from otaproto.errors import ShoalError, UsageError
+from otaproto.errors import LinkError, ShoalError, UsageError
 from otaproto.images import is_hex_name, load_image
 from otaproto.keys import Algorithm, PublicKey, SigningKey, TrustedKeys
 from otaproto.limits import DEFAULT_LIMITS
@@ -420,7 +420,7 @@ def flash(
 
     Exit 0 when the node runs and has confirmed the new image (or already did),
     1 for a bad artifact, 3 when the node refused it, 4 when it rolled back,
-    5 when the link was lost.
+    5 when the port cannot be opened or the link was lost.
     """
     from gateway_proxy.serial_driver import Progress, config_for_baud, flash_node
     from otaio.serial_link import SerialLink
@@ -434,6 +434,11 @@ def flash(
     def open_link() -> SerialLink:
         return SerialLink(port, baud=baud)
 
+    try:
+        SerialLink(port, baud=baud).close()
+    except LinkError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_LINK_LOST)
     if as_json:
         report = flash_node(open_link, verified, image, config=config)
     else:

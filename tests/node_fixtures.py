@@ -14,9 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
+
 from mcu_firmware_stub.flash import FlashFaults, FlashTiming
 from mcu_firmware_stub.node import NodeConfig, SimulatedNode
 from otaio.serial_link import PtyLink
+from otaproto import cbor
 from otaproto.artifact import VerifiedArtifact, build_full_artifact, verify_artifact
 from otaproto.keys import SigningKey, TrustedKeys
 from shoal.synthetic import evolve, firmware_like
@@ -91,6 +94,14 @@ def node_on_pty(config: NodeConfig, initial: VerifiedArtifact | None) -> Iterato
         yield thread
     finally:
         thread.stop()
+
+
+def artifact_file(folder: Path, artifact: VerifiedArtifact, name: str) -> Path:
+    """The artifact's container bytes, rebuilt from its verified parts, in a file."""
+    path = folder / name
+    signed = cbor2.loads(artifact.signed_manifest)
+    path.write_bytes(b"\xd9\xd9\xf7" + cbor.encode([1, signed, artifact.payload]))
+    return path
 
 
 def write_keys(folder: Path) -> Path:

@@ -10,20 +10,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import cbor2
 import pytest
 
 from gateway_proxy.serial_driver import config_for_baud, flash_node
 from mcu_firmware_stub.bootloader import Slot
 from otaio.serial_link import SerialLink
 from otaio.wire import PacedWire, WireConfig
-from otaproto import cbor
 from otaproto import nodelink as nl
-from otaproto.artifact import VerifiedArtifact
 from otaproto.framing import Frame, FrameDecoder, encode_frame
 from otaproto.node_sender import UpdateState
 from tests.node_fixtures import (
     Images,
+    artifact_file,
     images,
     make_artifact,
     node_config,
@@ -40,14 +38,6 @@ FAST_BAUD = 2_000_000
 @pytest.fixture(scope="module")
 def imgs() -> Images:
     return images(48 * 1024)
-
-
-def artifact_file(folder: Path, artifact: VerifiedArtifact, name: str) -> Path:
-    """The artifact's container bytes, rebuilt from its verified parts, in a file."""
-    path = folder / name
-    signed = cbor2.loads(artifact.signed_manifest)
-    path.write_bytes(b"\xd9\xd9\xf7" + cbor.encode([1, signed, artifact.payload]))
-    return path
 
 
 @contextmanager
