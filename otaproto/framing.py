@@ -14,9 +14,10 @@ frames as :class:`FrameDecoder`):
   Trans. Networking, 1999). The encoded bytes are a sequence of blocks; a
   block is a code byte ``c`` (1..255) followed by ``c - 1`` non-zero bytes.
   A block with ``c < 0xFF`` stands for its bytes followed by one 0x00; a block
-  with ``c == 0xFF`` stands for its 254 bytes and no 0x00. The 0x00 of the
-  last block is not part of the data. So empty data encodes as ``01``, and
-  encoded bytes never contain 0x00, which leaves 0x00 free as the delimiter.
+  with ``c == 0xFF`` stands for its 254 bytes and no 0x00. The 0x00 that the
+  last block stands for is not part of the data. So empty data encodes as
+  ``01``, and encoded bytes never contain 0x00, which leaves 0x00 free as the
+  delimiter.
 * The encoder writes the shortest form: when the data ends with a run of
   non-zero bytes whose length is a multiple of 254, the last block is an 0xFF
   block, with no empty ``01`` block after it. The decoder also accepts that
@@ -41,10 +42,11 @@ frames as :class:`FrameDecoder`):
 Why CRC-32 and not CRC-16: frames carry up to several KiB of firmware, and
 a frame that passes a check is written to flash. CRC-16/CCITT keeps Hamming
 distance 4 only up to 32,751 data bits (just under 4 KiB) and falls to 2
-beyond, and it catches every burst only up to 16 bits; any other damage passes
-with probability 2**-16, which a noisy line during a multi-megabyte update
-will reach. CRC-32 catches every burst up to 32 bits and keeps Hamming
-distance 4 up to 91,607 data bits (about 11 KiB), with 2**-32 for the rest.
+beyond (two flipped bits 32,767 apart pass), and it catches every burst only
+up to 16 bits; longer or scattered damage passes about once in 2**16 bad
+frames, which a noisy line will reach within a few multi-megabyte updates.
+CRC-32 catches every burst up to 32 bits and keeps Hamming distance 4 up to
+91,607 data bits (about 11 KiB), and lets other damage pass once in 2**32.
 A flipped COBS code byte moves a zero and so damages several body bytes at
 once, another reason to want the wide margin. (The signed image digest still
 catches what slips through, but only at the end of the whole transfer.) The
@@ -57,15 +59,16 @@ bytes for the frame being received, a write index (16 bits are enough up to
 64 KiB), and one flag "dropping an oversize frame until the next 0x00". At
 the delimiter the frame is decoded in place, as :func:`cobs_decode` does:
 each code byte becomes the 0x00 it stands for, and the bytes move down over
-the first code byte and the one after each 0xFF block (decoding never writes
-ahead of where it reads); then the CRC is checked in the same array. No heap
-and no second buffer. A receiver may instead undo COBS as bytes arrive, with
-one state byte (bytes left in the current block) and a flag (whether that
-block ends in a 0x00), and then needs only ``max_body_bytes + 4`` bytes of
-buffer; it accepts the same frames, though it may call some garbage
-``"oversize"`` where this module says ``"cobs"``. A sender needs no buffer
-beyond the body: it writes block by block (looking at most 254 bytes ahead for
-the next zero), with the 4 CRC bytes as the tail of the last block(s).
+the first code byte and over the code byte after each 0xFF block (decoding
+never writes ahead of where it reads); then the CRC is checked in the same
+array. No heap and no second buffer. A receiver may instead undo COBS as
+bytes arrive, with one state byte (bytes left in the current block) and a
+flag (whether that block ends in a 0x00), and then needs only
+``max_body_bytes + 4`` bytes of buffer; it accepts the same frames, though it
+may call some garbage ``"oversize"`` where this module says ``"cobs"``. A
+sender needs no buffer beyond the body: it writes block by block (looking at
+most 254 bytes ahead for the next zero), with the 4 CRC bytes as the tail of
+the last block(s).
 """
 
 from __future__ import annotations

@@ -11,10 +11,13 @@ Rules (spec: ``docs/serial-protocol.md`` §Receiver):
   confirmed floor and the running image, image size within the slot, and no
   test boot pending or running.
 * DATA is accepted only for the open session, at a chunk-aligned offset inside
-  the window ``[next, next + window * chunk)``, and written to flash at once:
-  the flash is the reassembly buffer, so selective repeat needs no frame
-  buffers, only a 32-bit bitmap of the chunks received beyond ``next``. Each
-  frame is a full ``chunk_bytes`` except the last, so writes stay word-aligned.
+  the span ``[next, next + SPAN_CHUNKS * chunk)``, and written to flash at
+  once: the flash is the reassembly buffer, so selective repeat needs no frame
+  buffers, only a 32-bit bitmap of the chunks received beyond ``next``. The
+  span is wider than the window (the frames a gateway may have unacknowledged,
+  which bounds the node's receive buffer), so a lost chunk never stalls the
+  line while it is repeated. Each frame is a full ``chunk_bytes`` except the
+  last, so writes stay word-aligned.
   Every DATA is answered by ``ACK [session, next, bits]``; a duplicate or
   out-of-window frame is answered too, so a lost ACK costs nothing.
 * Progress is made durable whenever the contiguous prefix crosses a flash
@@ -121,6 +124,9 @@ class Reaction:
 
 
 MAX_WINDOW_FRAMES = 32
+#: Chunks from ``next`` on that a node accepts: ``next`` itself and the 31
+#: chunks the ACK bitmap's bits 0..30 describe.
+SPAN_CHUNKS = 32
 
 
 @dataclass
@@ -304,7 +310,7 @@ class NodeReceiver:
                 ]
             )
         index = (offset - session.next_offset) // chunk_bytes  # 0 = the next missing chunk
-        if 0 <= index < self.limits.window_frames and not (
+        if 0 <= index < SPAN_CHUNKS and not (
             index and session.received_bits >> (index - 1) & 1
         ):
             self._store.write_image(offset, chunk)

@@ -14,7 +14,8 @@ Rules (spec: ``docs/serial-protocol.md`` §Sender):
   confirmed (nothing to do), the same image under test (wait for the verdict),
   or a receive in progress (BEGIN resumes at the node's durable offset).
 * Data goes out in chunks of the node's ``chunk_bytes``, at most
-  ``window_frames`` unacknowledged. ACKs are cumulative with a bitmap of the
+  ``window_frames`` unacknowledged, anywhere in the node's span of
+  ``SPAN_CHUNKS`` chunks from the first one missing. ACKs are cumulative with a bitmap of the
   chunks received beyond. A serial line delivers in order, so a chunk still
   missing when a chunk sent *after* it has arrived was lost: it is repeated at
   once (selective repeat), and nothing else is.
@@ -37,6 +38,7 @@ from enum import StrEnum
 from otaproto import nodelink as nl
 from otaproto.errors import MalformedError, UsageError
 from otaproto.manifest import Manifest
+from otaproto.node_receiver import SPAN_CHUNKS
 
 
 class UpdateState(StrEnum):
@@ -416,7 +418,7 @@ class NodeUpdate:
             for offset in [o for o in self._in_flight if o < next_offset]:
                 newest_arrived = max(newest_arrived, self._in_flight.pop(offset))
             self._sacked = {o for o in self._sacked if o >= next_offset}
-        for i in range(self._window):
+        for i in range(SPAN_CHUNKS - 1):
             if bits >> i & 1:
                 offset = next_offset + (i + 1) * self._chunk
                 if offset < self.image_size and offset not in self._sacked:
@@ -431,9 +433,9 @@ class NodeUpdate:
 
     def _data_frames(self, now_s: float) -> list[bytes]:
         frames: list[bytes] = []
-        window_end = min(self._acked + self._window * self._chunk, self.image_size)
+        span_end = min(self._acked + SPAN_CHUNKS * self._chunk, self.image_size)
         offset = self._acked
-        while offset < window_end:
+        while offset < span_end and len(self._in_flight) < self._window:
             if offset not in self._sacked and offset not in self._in_flight:
                 if offset < self._next_new:
                     self.resent_bytes += min(self._chunk, self.image_size - offset)

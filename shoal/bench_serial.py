@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from otaproto.keys import SigningKey, TrustedKeys
 from shoal.synthetic import evolve, firmware_like
 
 PAGE_BYTES = 4096
+#: The simulated node's advertised window: 4 chunks of 1 KiB.
+WINDOW_BYTES = 4 * 1024
 WORD_BYTES = 4
 NODE_START_TIMEOUT_S = 30.0
 
@@ -50,6 +53,7 @@ class SerialRun:
     bit_error_rate: float
     image_bytes: int
     state: str
+    reason: str
     seconds_to_verified: float
     seconds_to_confirmed: float
     goodput_bytes_per_s: float
@@ -58,6 +62,7 @@ class SerialRun:
     ratio_to_limit: float
     resent_bytes: int
     image_intact: bool
+    window_bytes: int
 
 
 def flash_time_s(image_bytes: int, timing: FlashTiming) -> float:
@@ -93,9 +98,20 @@ class _Node:
 
 
 def run_one(
-    name: str, *, baud: int, timing: bool, ber: float, image_kib: int, workdir: Path
+    name: str,
+    *,
+    baud: int,
+    timing: bool,
+    ber: float,
+    image_kib: int,
+    workdir: Path,
+    drop_after_bytes: int | None = None,
 ) -> SerialRun:
-    """One update of a ``image_kib`` image at ``baud`` through the relay."""
+    """One update of a ``image_kib`` image at ``baud`` through the relay.
+
+    With ``drop_after_bytes`` the line goes dead after that many bytes for
+    :data:`DROP_S` seconds, then comes back: the resume figure.
+    """
     key = SigningKey.from_ed25519_seed(bytes(range(32)))
     keys = workdir / "keys"
     keys.mkdir(exist_ok=True)
@@ -110,7 +126,12 @@ def run_one(
         TrustedKeys([key.public_key]),
     )
     state = workdir / f"{name}-node"
-    with PacedWire(WireConfig(baud=baud, bit_error_rate=ber, seed=7)) as wire:
+    wire_config = WireConfig(
+        baud=baud, bit_error_rate=ber, seed=7, disconnect_after_bytes=drop_after_bytes
+    )
+    with PacedWire(wire_config) as wire:
+        if drop_after_bytes is not None:
+            threading.Thread(target=_bring_back, args=(wire,), daemon=True).start()
         node = _Node(wire.b_path, state, keys, initial, timing)
         try:
             report = flash_node(
@@ -132,11 +153,19 @@ def run_one(
             limit, bound = flash_rate, "flash"
     return SerialRun(
         name=name, baud=baud, flash_timing=timing, bit_error_rate=ber, image_bytes=len(new),
-        state=str(report.state), seconds_to_verified=verified_s,
+        state=str(report.state),
+        reason=report.reason, seconds_to_verified=verified_s,
         seconds_to_confirmed=report.seconds_total, goodput_bytes_per_s=goodput,
         limit_bytes_per_s=limit, limited_by=bound, ratio_to_limit=goodput / limit,
         resent_bytes=report.resent_bytes, image_intact=intact,
+        window_bytes=WINDOW_BYTES,
     )  # fmt: skip
+
+
+def _bring_back(wire: PacedWire) -> None:
+    if wire.disconnected.wait(timeout=300):
+        time.sleep(DROP_S)  # the outage itself: a benchmark, not a test, may wait
+        wire.reconnect(rearm=False)
 
 
 def _primary_is(state: Path, image: bytes) -> bool:
@@ -145,12 +174,16 @@ def _primary_is(state: Path, image: bytes) -> bool:
     return data[PAGE_BYTES : PAGE_BYTES + len(image)] == image
 
 
-PLAN = [
-    ("115200", 115200, False, 0.0),
-    ("115200 flash", 115200, True, 0.0),
-    ("921600", 921600, False, 0.0),
-    ("921600 flash", 921600, True, 0.0),
-    ("115200 ber1e-5", 115200, False, 1e-5),
+DROP_S = 2.0
+#: name, baud, flash timing, bit error rate, line dead after this many bytes
+PLAN: list[tuple[str, int, bool, float, int | None]] = [
+    ("115200", 115200, False, 0.0, None),
+    ("115200 flash", 115200, True, 0.0, None),
+    ("921600", 921600, False, 0.0, None),
+    ("921600 flash", 921600, True, 0.0, None),
+    ("115200 ber1e-5", 115200, False, 1e-5, None),
+    ("921600 ber1e-5", 921600, False, 1e-5, None),
+    ("115200 drop", 115200, True, 0.0, 100_000),
 ]
 
 
@@ -159,7 +192,7 @@ def run(*, image_kib: int, only: str | None, as_json: bool) -> list[SerialRun]:
     workdir = Path(tempfile.mkdtemp(prefix="shoal-bench-serial-"))
     results = []
     try:
-        for name, baud, timing, ber in PLAN:
+        for name, baud, timing, ber, drop in PLAN:
             if only and only not in name:
                 continue
             started = time.monotonic()
@@ -170,6 +203,7 @@ def run(*, image_kib: int, only: str | None, as_json: bool) -> list[SerialRun]:
                 ber=ber,
                 image_kib=image_kib,
                 workdir=workdir,
+                drop_after_bytes=drop,
             )
             results.append(result)
             if not as_json:
@@ -178,8 +212,10 @@ def run(*, image_kib: int, only: str | None, as_json: bool) -> list[SerialRun]:
                     f"{name:16} {r.state:10} goodput {r.goodput_bytes_per_s:8.0f} B/s"
                     f" = {r.ratio_to_limit:.3f} of the {r.limited_by} limit"
                     f" ({r.limit_bytes_per_s:.0f} B/s); verified {r.seconds_to_verified:.1f} s,"
-                    f" confirmed {r.seconds_to_confirmed:.1f} s; resent {r.resent_bytes} B;"
-                    f" image intact: {r.image_intact} [{time.monotonic() - started:.0f} s]",
+                    f" confirmed {r.seconds_to_confirmed:.1f} s;"
+                    f" resent {r.resent_bytes} B ({r.resent_bytes / r.window_bytes:.2f} windows);"
+                    f" image intact: {r.image_intact} [{time.monotonic() - started:.0f} s]"
+                    + ("" if r.state == "succeeded" else f" ({r.reason})"),
                     flush=True,
                 )
     finally:

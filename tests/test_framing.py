@@ -52,8 +52,9 @@ bodies = st.binary(min_size=1, max_size=MAX_BODY_BYTES)
 # Data rich in zeros and in long non-zero runs, the two edges of COBS.
 cobs_data = st.one_of(
     st.binary(max_size=800),
-    st.lists(st.sampled_from([b"\x00", b"\x01", b"\xff", NON_ZERO_254, b"\x00" * 20]))
-    .map(b"".join),
+    st.lists(st.sampled_from([b"\x00", b"\x01", b"\xff", NON_ZERO_254, b"\x00" * 20])).map(
+        b"".join
+    ),
 )
 
 
@@ -229,9 +230,7 @@ def test_lone_and_repeated_delimiters_are_ignored() -> None:
 
 
 @given(bodies, st.binary(max_size=300), bodies, st.lists(st.integers(min_value=0), max_size=8))
-def test_noise_between_frames(
-    first: bytes, noise: bytes, second: bytes, cuts: list[int]
-) -> None:
+def test_noise_between_frames(first: bytes, noise: bytes, second: bytes, cuts: list[int]) -> None:
     # The sender flushes with a lone 0x00 before each frame.
     stream = (
         b"\x00"
@@ -262,8 +261,10 @@ def test_flipped_bit_is_caught_and_next_frame_decodes(body: bytes, data: st.Data
     if wire[position] != 0:  # the flip did not cut the frame in two
         assert damaged in ([FrameError("crc")], [FrameError("cobs")])
     else:
-        assert all(event in (FrameError("crc"), FrameError("cobs"), FrameError("short"))
-                   for event in damaged)
+        assert all(
+            event in (FrameError("crc"), FrameError("cobs"), FrameError("short"))
+            for event in damaged
+        )
 
 
 def test_oversize_stream_is_bounded_and_reported_once() -> None:
@@ -284,10 +285,16 @@ def test_oversize_boundary(chunk_bytes: int) -> None:
     assert max_encoded_bytes(16) - 1 == 21
     fits = b"\x01" * 21 + b"\x00"  # 20 zeros: valid COBS, wrong CRC
     too_long = b"\x01" * 22 + b"\x00"
-    stream = fits + too_long + GOLDEN_WIRE
+    garbage = b"\x55" * 22 + b"\x00"  # oversize before anyone looks at its COBS
+    stream = fits + too_long + garbage + GOLDEN_WIRE
     pieces = [stream[index : index + chunk_bytes] for index in range(0, len(stream), chunk_bytes)]
     events = feed_all(FrameDecoder(16), pieces)
-    assert events == [FrameError("crc"), FrameError("oversize"), Frame(GOLDEN_BODY)]
+    assert events == [
+        FrameError("crc"),
+        FrameError("oversize"),
+        FrameError("oversize"),
+        Frame(GOLDEN_BODY),
+    ]
 
 
 def test_frame_that_decodes_too_long_is_oversize() -> None:
