@@ -40,7 +40,7 @@ def hash_secret(secret: str, *, salt: bytes | None = None, iterations: int = ITE
 
 
 def verify_secret(secret: str, stored: str) -> bool:
-    """True when ``secret`` matches the stored ``$7$`` string. Raises MalformedError for a bad one."""
+    """True when ``secret`` matches the stored ``$7$`` string. Raises MalformedError if bad."""
     parts = stored.split("$")
     if len(parts) != 5 or parts[0] or parts[1] != "7" or not parts[2].isdigit():
         raise MalformedError("stored secret", "not a mosquitto $7$ hash")
