@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from otaio.serial_link import Link
+from otaproto import nodelink as nl
 from otaproto.artifact import VerifiedArtifact
-from otaproto.errors import LinkBroken
+from otaproto.errors import LinkBroken, MalformedError
 from otaproto.framing import Frame, FrameDecoder, encode_frame
 from otaproto.node_sender import NodeUpdate, SenderConfig, UpdateState
 
@@ -164,3 +165,39 @@ def _reopen(
                 raise
             sleep(REOPEN_BACKOFF_S[min(attempt, len(REOPEN_BACKOFF_S) - 1)])
             attempt += 1
+
+
+def query_info(
+    open_link: Callable[[], Link],
+    *,
+    timeout_s: float = 3.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> nl.Info:
+    """Ask a node who it is and what it runs (HELLO -> INFO), for the inventory.
+
+    Repeats HELLO every half second until ``timeout_s``. Raises LinkBroken when
+    the port cannot be opened or the node does not answer, MalformedError for
+    an INFO that does not decode.
+    """
+    msg_id = random.SystemRandom().randrange(1, 0x10000)
+    decoder = FrameDecoder(WIRE_MAX_BODY_BYTES)
+    link = open_link()
+    try:
+        deadline = clock() + timeout_s
+        next_hello = clock()
+        while clock() < deadline:
+            if clock() >= next_hello:
+                link.write(encode_frame(nl.hello(msg_id), WIRE_MAX_BODY_BYTES))
+                next_hello = clock() + 0.5
+            for event in decoder.feed(link.read(READ_BYTES, MAX_WAIT_S)):
+                if not isinstance(event, Frame):
+                    continue
+                try:
+                    msg = nl.decode(event.body)
+                except MalformedError:
+                    continue
+                if msg.type is nl.MsgType.INFO and msg.id == msg_id:
+                    return nl.decode_info(msg.fields[0])
+    finally:
+        link.close()
+    raise LinkBroken(f"node did not answer HELLO within {timeout_s:g} s")
