@@ -42,10 +42,18 @@ DIGEST_BYTES = 32
 Schema = Mapping[str, tuple[str, bool]]
 
 
+def _utf8_bytes(text: str) -> int:
+    """The UTF-8 length of ``text``, or -1 when it cannot be UTF-8 (a lone surrogate from JSON)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return -1
+
+
 _KINDS: dict[str, Callable[[Any], bool]] = {
     "uint": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64,
-    "text": lambda v: isinstance(v, str) and 0 < len(v.encode()) <= 256,
-    "longtext": lambda v: isinstance(v, str) and len(v.encode()) <= 4096,
+    "text": lambda v: isinstance(v, str) and 0 < _utf8_bytes(v) <= 256,
+    "longtext": lambda v: isinstance(v, str) and 0 <= _utf8_bytes(v) <= 4096,
     "bool": lambda v: isinstance(v, bool),
     "digest": lambda v: isinstance(v, bytes) and len(v) == DIGEST_BYTES,
     "bytes": lambda v: isinstance(v, bytes),

@@ -1,0 +1,207 @@
+"""The orchestrator's SQLite database: how it is opened and how its schema changes.
+
+Rules:
+
+* One file, ``{data_dir}/shoal.db``, in WAL mode (readers such as a status page
+  never block the writer) with foreign keys enforced.
+* The schema changes only through a migration: a numbered function in
+  :data:`MIGRATIONS`, applied in order, each in one transaction together with
+  its row in the ``migrations`` table, so a crash leaves a migration either
+  fully applied and recorded or not at all. The very first table is created
+  by migration 1; a released migration is never edited, only followed.
+* A database that records a version this code does not know (written by a
+  newer orchestrator) is refused rather than guessed at.
+* Conventions: states are stored by their names (text, never ordinals);
+  digests as lowercase hex; times as float seconds from the orchestrator's
+  clock; JSON in ``TEXT`` columns. Tables are ``STRICT``, so a wrong type is
+  an error at the write, not a surprise at the read.
+* Every integer Shoal stores must fit SQLite's signed 64 bits; values from
+  outside are checked with :func:`check_sql_int` before they get here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from otaproto.errors import InvalidInput, MalformedError
+
+DB_FILE = "shoal.db"
+MAX_SQL_INT = 2**63 - 1
+
+Migration = tuple[int, str, Callable[[Database], None]]
+
+
+def check_sql_int(value: int, where: str) -> int:
+    """``value`` if SQLite can store it (a wire ``uint`` may not). Raises MalformedError."""
+    if not 0 <= value <= MAX_SQL_INT:
+        raise MalformedError(where, f"must be at most {MAX_SQL_INT}")
+    return value
+
+
+def _v1_initial(db: Database) -> None:
+    """Registry, artifact store, deployments, the command outbox and the event log."""
+    db.table("gateways").create(
+        {
+            "id": str, "state": str, "secret_hash": str, "created": float,
+            "last_seen": float, "online": int, "attributes": str, "next_seq": int,
+        },
+        pk="id",
+        not_null={"id", "state", "secret_hash", "created", "online", "attributes", "next_seq"},
+        defaults={"online": 0, "attributes": "{}", "next_seq": 1},
+        strict=True,
+    )  # fmt: skip
+    db.table("nodes").create(
+        {
+            "gateway": str, "node": str, "present": int, "device_type": str, "boot_state": str,
+            "primary_version": str, "primary_sequence": int, "primary_digest": str,
+            "primary_size": int, "error": str, "last_seen": float,
+        },
+        pk=("gateway", "node"),
+        not_null={"gateway", "node", "present", "last_seen"},
+        foreign_keys=[("gateway", "gateways", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("operators").create(
+        {"id": str, "secret_hash": str, "role": str, "created": float},
+        pk="id",
+        not_null={"id", "secret_hash", "role", "created"},
+        strict=True,
+    )
+    db.table("artifacts").create(
+        {
+            "digest": str, "name": str, "version": str, "sequence": int, "device_types": str,
+            "payload_kind": str, "image_digest": str, "image_size": int, "base_digest": str,
+            "base_version": str, "size": int, "block_bytes": int, "created": float,
+            "full_digest": str, "base_full_digest": str,
+        },
+        pk="digest",
+        not_null={
+            "digest", "name", "version", "sequence", "device_types", "payload_kind",
+            "image_digest", "image_size", "size", "block_bytes", "created",
+        },
+        strict=True,
+    )  # fmt: skip
+    db.table("artifacts").create_index(["image_digest"])
+    db.table("artifacts").create_index(["base_digest"])
+    db.table("deployments").create(
+        {"id": str, "artifact": str, "created": float, "cancelled": float},
+        pk="id",
+        not_null={"id", "artifact", "created"},
+        foreign_keys=[("artifact", "artifacts", "digest")],
+        strict=True,
+    )
+    db.table("deployment_nodes").create(
+        {
+            "deployment": str, "gateway": str, "node": str, "state": str, "artifact": str,
+            "full": str, "status_seq": int, "bytes": int, "total": int, "mqtt_bytes": int,
+            "serial_bytes": int, "reason": str, "updated": float,
+        },
+        pk=("deployment", "gateway", "node"),
+        not_null={"deployment", "gateway", "node", "state", "status_seq", "updated"},
+        defaults={"status_seq": 0},
+        foreign_keys=[
+            ("deployment", "deployments", "id"),
+            ("gateway", "gateways", "id"),
+            ("artifact", "artifacts", "digest"),
+            ("full", "artifacts", "digest"),
+        ],
+        strict=True,
+    )  # fmt: skip
+    db.table("deployment_nodes").create_index(["gateway", "node", "state"])
+    db.table("events").create(
+        {
+            "id": int, "deployment": str, "gateway": str, "node": str, "at": float,
+            "state": str, "detail": str,
+        },
+        pk="id",
+        not_null={"deployment", "gateway", "node", "at", "state", "detail"},
+        foreign_keys=[("deployment", "deployments", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("events").create_index(["deployment", "gateway", "node"])
+    db.table("commands").create(
+        {
+            "gateway": str, "seq": int, "type": str, "deployment": str, "node": str,
+            "payload": bytes, "created": float, "sent_at": float, "send_count": int,
+            "acked_at": float,
+        },
+        pk=("gateway", "seq"),
+        not_null={"gateway", "seq", "type", "deployment", "node", "payload", "created",
+                  "send_count"},
+        defaults={"send_count": 0},
+        foreign_keys=[("gateway", "gateways", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("commands").create_index(["acked_at", "gateway", "seq"])
+
+
+#: Every schema change, in order. Append only.
+MIGRATIONS: tuple[Migration, ...] = ((1, "initial schema", _v1_initial),)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def open_database(path: Path, clock: Callable[[], float]) -> Database:
+    """Open (or create) the database at ``path``, in WAL mode and migrated to the latest.
+
+    Raises InvalidInput when the file is not a database this orchestrator can use.
+    """
+    db = Database(path)
+    try:
+        db.enable_wal()
+        db.execute("PRAGMA foreign_keys = ON")
+        migrate(db, clock)
+    except InvalidInput:
+        db.close()
+        raise
+    except Exception as exc:  # sqlite3.DatabaseError and friends: an unusable file
+        db.close()
+        raise InvalidInput(f"cannot open the database {path}: {exc}") from exc
+    return db
+
+
+def applied_versions(db: Database) -> list[int]:
+    """The migration versions recorded in ``db``, in order (empty for a new file)."""
+    if not db.table("migrations").exists():
+        return []
+    return [int(row["version"]) for row in db.query("SELECT version FROM migrations ORDER BY 1")]
+
+
+def migrate(db: Database, clock: Callable[[], float]) -> list[int]:
+    """Apply the migrations ``db`` lacks; returns the versions applied now.
+
+    Raises InvalidInput for a database from a newer orchestrator, or one whose
+    recorded versions are not a prefix of :data:`MIGRATIONS`.
+    """
+    done = applied_versions(db)
+    known = [version for version, _, _ in MIGRATIONS]
+    if done != known[: len(done)]:
+        raise InvalidInput(
+            f"database schema versions {done} are not this orchestrator's "
+            f"(it knows {known}): written by a newer or a different version"
+        )
+    applied: list[int] = []
+    for version, name, step in MIGRATIONS[len(done) :]:
+        with db.atomic():
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL"
+                ") STRICT"
+            )
+            step(db)
+            db.execute(
+                "INSERT INTO migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                [version, name, clock()],
+            )
+        applied.append(version)
+    return applied
+
+
+def one(db: Database, sql: str, params: list[Any] | None = None) -> dict[str, Any] | None:
+    """The first row of a query, or None."""
+    for row in db.query(sql, params or []):
+        return row
+    return None

@@ -1,0 +1,537 @@
+"""Deployments: one node's part of an update, its state machine, and how reports move it.
+
+Rules (architecture.md §State machines; ``docs/topics.md`` §Gateway messages):
+
+* A deployment names one FULL artifact, by the SHA-256 of its file or of the
+  image it carries (then the earliest stored full artifact of that image),
+  and a set of ``gateway/node`` targets. Per node the orchestrator chooses at
+  creation: ``incompatible`` (wrong device type, or an image not newer than the one
+  installed: the node's anti-rollback would refuse it), ``skipped`` (the node
+  already runs the image), or ``pending`` with the delta whose base is the
+  node's running image (and the full artifact as the fallback), else the full
+  artifact. A request naming an unknown or absent node, a gateway that is not
+  accepted, or a node with another deployment still running is refused whole.
+* States are :class:`DeploymentState`, stored by name; every move is checked
+  against :data:`TRANSITIONS` and refused with an error naming both states.
+* The orchestrator owns ``pending`` (created, or retried), ``offered`` (the
+  deploy command was acknowledged) and ``incompatible``. Everything else is
+  the gateway's report (STATUS), mapped from its words by :data:`REPORTED`
+  (``already_installed`` -> ``skipped``, ``rejected`` -> ``failed``).
+* A gateway's reports are ordered by their own ``seq`` per (deployment,
+  node): one not above the last accepted is a replay or overtaken and is
+  ignored (logged, no error). A repeated report of the final state a node is
+  already in is ignored the same way.
+* The table is explicit about what a gateway may skip or repeat and why:
+  reports may be lost (so any later state may follow any earlier one, and a
+  final state may follow any active one), progress repeats a state, a
+  gateway restarted mid-install resumes from its download (install ->
+  ``downloading``/``downloaded``), and the serial transfer restarts from the
+  node's HELLO (any install state -> ``flashing``). Final states stay final,
+  except that an operator's retry takes ``failed``, ``rolled_back`` and
+  ``aborted`` back to ``pending``.
+* Every accepted move is a row in ``events`` (deployment, gateway, node, at,
+  state, detail JSON), written in the same transaction as the move.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlite_utils import Database
+
+from orchestrator.db import check_sql_int, one
+from orchestrator.outbox import Command, CommandType, Outbox
+from orchestrator.registry import GatewayState, Node, Registry
+from orchestrator.store import ArtifactRecord, ArtifactStore, parse_hex_digest
+from otaproto.errors import InvalidInput, MalformedError
+from otaproto.topics import ID_PATTERN
+
+log = logging.getLogger("shoal.orchestrator")
+
+#: Most targets one deployment may name.
+MAX_TARGETS = 10_000
+#: Most problems listed in one refusal of a deployment request.
+MAX_PROBLEMS_SHOWN = 5
+#: Most events per node in a status reply (the newest).
+MAX_EVENTS_SHOWN = 20
+
+
+class DeploymentState(StrEnum):
+    """Where one node's deployment stands."""
+
+    PENDING = "pending"
+    OFFERED = "offered"
+    DOWNLOADING = "downloading"
+    DOWNLOADED = "downloaded"
+    FLASHING = "flashing"
+    VERIFYING = "verifying"
+    REBOOTING = "rebooting"
+    CONFIRMING = "confirming"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    SKIPPED = "skipped"
+    INCOMPATIBLE = "incompatible"
+    ABORTED = "aborted"
+
+
+S = DeploymentState
+
+#: States in which the node's deployment is still running (in path order).
+ACTIVE: tuple[DeploymentState, ...] = (
+    S.PENDING, S.OFFERED, S.DOWNLOADING, S.DOWNLOADED,
+    S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING,
+)  # fmt: skip
+FINAL = frozenset(S) - frozenset(ACTIVE)
+_ACTIVE_JSON = json.dumps([str(s) for s in ACTIVE])
+
+_DOWNLOAD = frozenset({S.DOWNLOADING, S.DOWNLOADED})  # the gateway fetches and rebuilds
+_INSTALL = frozenset({S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING})  # serial + boot
+_ENDINGS = frozenset({S.SUCCEEDED, S.FAILED, S.ROLLED_BACK, S.SKIPPED, S.ABORTED})
+
+#: Allowed moves: state -> the states it may go to next.
+TRANSITIONS: Mapping[DeploymentState, frozenset[DeploymentState]] = {
+    # acked, or the gateway's reports overtook a lost ack
+    S.PENDING: frozenset({S.OFFERED}) | _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.OFFERED: _DOWNLOAD | _INSTALL | _ENDINGS,
+    # progress repeats a state; a download that failed its digest check starts again
+    S.DOWNLOADING: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.DOWNLOADED: _DOWNLOAD | _INSTALL | _ENDINGS,
+    # a restarted gateway resumes from its download; the serial transfer restarts at HELLO
+    S.FLASHING: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.VERIFYING: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.REBOOTING: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.CONFIRMING: _DOWNLOAD | _INSTALL | _ENDINGS,
+    # final; an operator's retry goes back to pending
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset({S.PENDING}),
+    S.ROLLED_BACK: frozenset({S.PENDING}),
+    S.SKIPPED: frozenset(),
+    S.INCOMPATIBLE: frozenset(),
+    S.ABORTED: frozenset({S.PENDING}),
+}
+
+#: The gateway's words in STATUS ``state`` -> the state they move the node to.
+REPORTED: Mapping[str, DeploymentState] = {
+    "downloading": S.DOWNLOADING,
+    "downloaded": S.DOWNLOADED,
+    "flashing": S.FLASHING,
+    "verifying": S.VERIFYING,
+    "rebooting": S.REBOOTING,
+    "confirming": S.CONFIRMING,
+    "succeeded": S.SUCCEEDED,
+    "failed": S.FAILED,
+    "rolled_back": S.ROLLED_BACK,
+    "aborted": S.ABORTED,
+    "already_installed": S.SKIPPED,
+    "rejected": S.FAILED,
+}
+
+
+class IllegalTransition(InvalidInput):
+    """A move the deployment table does not allow (from a report, or asked for)."""
+
+    def __init__(self, where: str, old: DeploymentState, new: DeploymentState) -> None:
+        super().__init__(f"{where} cannot go from {old} to {new}")
+        self.old = old
+        self.new = new
+
+
+def check_transition(old: DeploymentState, new: DeploymentState, where: str) -> None:
+    """Refuse a move that :data:`TRANSITIONS` does not list. Raises IllegalTransition."""
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(where, old, new)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a new deployment does for one node."""
+
+    gateway: str
+    node: str
+    state: DeploymentState  #: pending, skipped or incompatible
+    chosen: ArtifactRecord | None  #: what the gateway fetches (pending only)
+    full: ArtifactRecord | None  #: the fallback when ``chosen`` is a delta
+    reason: str | None
+
+
+def plan_node(target: ArtifactRecord, node: Node, deltas: list[ArtifactRecord]) -> Plan:
+    """Decide one node's part of a deployment of ``target`` (a full artifact).
+
+    ``deltas`` are the stored deltas to the target image, smallest first.
+    Raises InvalidInput when the node has never reported its device type.
+    """
+    gw, name = node.gateway, node.node
+    if node.device_type is None:
+        raise InvalidInput(f"node {node.target} has not reported its device type yet")
+    if node.device_type not in target.device_types:
+        why = f"artifact is for {', '.join(target.device_types)}, node is {node.device_type}"
+        return Plan(gw, name, S.INCOMPATIBLE, None, None, why)
+    running = node.primary
+    if running is not None and running.digest == target.image_digest:
+        return Plan(gw, name, S.SKIPPED, None, None, f"already runs {target.version}")
+    if running is not None and running.sequence >= target.sequence:
+        why = (
+            f"runs sequence {running.sequence}, not older than {target.sequence}: "
+            "the node's anti-rollback would refuse it"
+        )
+        return Plan(gw, name, S.INCOMPATIBLE, None, None, why)
+    for delta in deltas:
+        if (
+            running is not None
+            and delta.base_digest == running.digest
+            and node.device_type in delta.device_types
+        ):
+            return Plan(gw, name, S.PENDING, delta, target, None)
+    return Plan(gw, name, S.PENDING, target, None, None)
+
+
+@dataclass(frozen=True)
+class _Row:
+    deployment: str
+    gateway: str
+    node: str
+    state: DeploymentState
+    status_seq: int
+
+    @property
+    def where(self) -> str:
+        return f"deployment {self.deployment} of {self.gateway}/{self.node}"
+
+
+class Deployments:
+    """Deployments in the database. The caller holds the transaction; not thread-safe."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float],
+        registry: Registry,
+        store: ArtifactStore,
+        outbox: Outbox,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._registry = registry
+        self._store = store
+        self._outbox = outbox
+
+    # -- operators' side -----------------------------------------------------------
+
+    def create(self, artifact: Any, targets: Any) -> str:
+        """Create a deployment of a full artifact to ``gateway/node`` targets; its id.
+
+        Queues a deploy command for every pending node (published by the caller
+        after the commit). Raises MalformedError for a bad argument and
+        InvalidInput for anything refused (the whole request is refused).
+        """
+        record = self._store.find_full(parse_hex_digest(artifact, "artifact"))
+        if record is None:
+            raise InvalidInput(f"unknown artifact {artifact}")
+        if record.is_delta:
+            raise InvalidInput(
+                f"artifact {artifact} is a delta: deploy the full artifact "
+                "(deltas are chosen per node)"
+            )
+        if not isinstance(targets, list) or not targets:
+            raise MalformedError("nodes", "must be a non-empty list of 'gateway/node'")
+        if len(targets) > MAX_TARGETS:
+            raise MalformedError("nodes", f"{len(targets)} targets, over {MAX_TARGETS}")
+        deltas = self._store.deltas_to(record.image_digest)
+        plans: list[Plan] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        for target in targets:
+            try:
+                plans.append(self._plan(record, target, seen, deltas))
+            except InvalidInput as exc:
+                problems.append(str(exc))
+        if problems:
+            more = len(problems) - MAX_PROBLEMS_SHOWN
+            shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+            raise InvalidInput(shown + (f" (and {more} more)" if more > 0 else ""))
+        deployment = "dep-" + secrets.token_hex(8)
+        now = self._clock()
+        self._db.execute(
+            "INSERT INTO deployments (id, artifact, created) VALUES (?, ?, ?)",
+            [deployment, record.hex, now],
+        )
+        for p in plans:
+            self._db.execute(
+                "INSERT INTO deployment_nodes (deployment, gateway, node, state, artifact, full,"
+                " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    deployment, p.gateway, p.node, str(p.state),
+                    None if p.chosen is None else p.chosen.hex,
+                    None if p.full is None else p.full.hex, p.reason, now,
+                ],
+            )  # fmt: skip
+            detail: dict[str, Any] = {"reason": p.reason}
+            if p.chosen is not None:
+                detail["artifact"] = p.chosen.hex
+                detail["kind"] = str(p.chosen.payload_kind)
+                command = self._outbox.enqueue(
+                    p.gateway, CommandType.DEPLOY, deployment, p.node,
+                    artifact=p.chosen.ref(), full=None if p.full is None else p.full.ref(),
+                )  # fmt: skip
+                detail["command"] = command.seq
+            self._event(deployment, p.gateway, p.node, p.state, detail)
+        log.info(
+            "deployment %s of %s %s created for %d nodes",
+            deployment, record.name, record.version, len(plans),
+        )  # fmt: skip
+        return deployment
+
+    def _plan(
+        self, record: ArtifactRecord, target: Any, seen: set[str], deltas: list[ArtifactRecord]
+    ) -> Plan:
+        if not isinstance(target, str):
+            raise MalformedError("nodes", "every target must be a 'gateway/node' string")
+        gateway_id, _, node_id = target.partition("/")
+        if not ID_PATTERN.match(gateway_id) or not ID_PATTERN.match(node_id):
+            raise InvalidInput(f"{target[:140]!r} is not 'gateway/node'")
+        if target in seen:
+            raise InvalidInput(f"{target} is listed twice")
+        seen.add(target)
+        gateway = self._registry.gateway(gateway_id)
+        if gateway is None:
+            raise InvalidInput(f"unknown gateway {gateway_id}")
+        if gateway.state is not GatewayState.ACCEPTED:
+            raise InvalidInput(f"gateway {gateway_id} is {gateway.state}, not accepted")
+        node = self._registry.node(gateway_id, node_id)
+        if node is None or not node.present:
+            raise InvalidInput(f"unknown node {target}")
+        running = self.active_deployment(gateway_id, node_id)
+        if running is not None:
+            raise InvalidInput(f"node {target} is still in deployment {running}")
+        return plan_node(record, node, deltas)
+
+    def cancel(self, deployment: str) -> list[Command]:
+        """Ask the gateways to stop a deployment's running nodes; the cancel commands queued.
+
+        Nodes change state only when their gateway reports (``aborted``, or
+        what had already happened); a second cancel is a no-op. Raises
+        InvalidInput for an unknown deployment.
+        """
+        row = one(self._db, "SELECT * FROM deployments WHERE id = ?", [deployment])
+        if row is None:
+            raise InvalidInput(f"unknown deployment {deployment!r}")
+        if row["cancelled"] is not None:
+            return []
+        self._db.execute(
+            "UPDATE deployments SET cancelled = ? WHERE id = ?", [self._clock(), deployment]
+        )
+        commands: list[Command] = []
+        for r in self._active_rows(deployment=deployment):
+            gateway = self._registry.gateway(r.gateway)
+            if gateway is None or gateway.state is not GatewayState.ACCEPTED:
+                continue
+            command = self._outbox.enqueue(r.gateway, CommandType.CANCEL, deployment, r.node)
+            self._event(deployment, r.gateway, r.node, r.state, {"cancel": command.seq})
+            commands.append(command)
+        log.info("deployment %s cancelled: %d cancel commands", deployment, len(commands))
+        return commands
+
+    def status(self, deployment: str) -> dict[str, Any]:
+        """A deployment and each node's state, bytes and newest events. Raises InvalidInput."""
+        row = one(self._db, "SELECT * FROM deployments WHERE id = ?", [deployment])
+        if row is None:
+            raise InvalidInput(f"unknown deployment {deployment!r}")
+        record = self._store.get(bytes.fromhex(row["artifact"]))
+        nodes: list[dict[str, Any]] = []
+        counts: dict[str, int] = {}
+        for n in self._db.query(
+            "SELECT * FROM deployment_nodes WHERE deployment = ? ORDER BY gateway, node",
+            [deployment],
+        ):
+            counts[n["state"]] = counts.get(n["state"], 0) + 1
+            events = list(
+                self._db.query(
+                    "SELECT at, state, detail FROM events WHERE deployment = ? AND gateway = ?"
+                    " AND node = ? ORDER BY id DESC LIMIT ?",
+                    [deployment, n["gateway"], n["node"], MAX_EVENTS_SHOWN],
+                )
+            )
+            nodes.append({
+                "gateway": n["gateway"], "node": n["node"],
+                "target": f"{n['gateway']}/{n['node']}", "state": n["state"],
+                "artifact": n["artifact"], "full": n["full"], "bytes": n["bytes"],
+                "total": n["total"], "mqtt_bytes": n["mqtt_bytes"],
+                "serial_bytes": n["serial_bytes"], "reason": n["reason"], "updated": n["updated"],
+                "events": [
+                    {"at": e["at"], "state": e["state"], "detail": json.loads(e["detail"])}
+                    for e in reversed(events)
+                ],
+            })  # fmt: skip
+        active = any(DeploymentState(n["state"]) in ACTIVE for n in nodes)
+        return {
+            "id": deployment, "artifact": row["artifact"],
+            "name": None if record is None else record.name,
+            "version": None if record is None else record.version,
+            "created": row["created"], "cancelled": row["cancelled"],
+            "state": "active" if active else "finished", "counts": counts, "nodes": nodes,
+        }  # fmt: skip
+
+    def of_node(self, gateway: str, node: str) -> list[dict[str, Any]]:
+        """The deployments a node was part of, newest first (for ``devices.show``)."""
+        rows = self._db.query(
+            "SELECT dn.deployment, dn.state, dn.updated, d.artifact FROM deployment_nodes dn"
+            " JOIN deployments d ON d.id = dn.deployment WHERE dn.gateway = ? AND dn.node = ?"
+            " ORDER BY d.created DESC, dn.deployment",
+            [gateway, node],
+        )
+        return [
+            {"id": r["deployment"], "state": r["state"], "updated": r["updated"],
+             "artifact": r["artifact"]}
+            for r in rows
+        ]  # fmt: skip
+
+    # -- gateways' side --------------------------------------------------------------
+
+    def apply_status(self, gateway: str, m: Mapping[str, Any]) -> bool:
+        """Apply one checked STATUS map from ``gateway``; False when ignored as a replay.
+
+        Raises InvalidInput for an unknown deployment, a node that is not this
+        gateway's in it, an unknown state word, and (IllegalTransition) a move
+        the table refuses.
+        """
+        row = self._row(m["deployment"], gateway, m["node"])
+        if row is None:
+            if one(self._db, "SELECT 1 FROM deployments WHERE id = ?", [m["deployment"]]):
+                raise InvalidInput(
+                    f"node {m['node'][:64]!r} of gateway {gateway} "
+                    f"is not in deployment {m['deployment']}"
+                )
+            raise InvalidInput(f"unknown deployment {m['deployment'][:64]!r}")
+        new = REPORTED.get(m["state"])
+        if new is None:
+            raise MalformedError("status.state", f"unknown state {m['state'][:64]!r}")
+        for key in ("seq", "bytes", "total", "mqtt_bytes", "serial_bytes"):
+            if m[key] is not None:
+                check_sql_int(m[key], f"status.{key}")
+        if m["bytes"] is not None and m["total"] is not None and m["bytes"] > m["total"]:
+            raise MalformedError("status.bytes", "more than total")
+        if m["seq"] <= row.status_seq:
+            log.info(
+                "ignoring status %d (%s) of %s: already at status %d",
+                m["seq"], m["state"], row.where, row.status_seq,
+            )  # fmt: skip
+            return False
+        if new is row.state and new in FINAL:
+            log.info("ignoring a repeated %s of %s", new, row.where)
+            return False
+        check_transition(row.state, new, row.where)
+        reason = m["reason"]
+        if reason is None and m["state"] in ("rejected", "already_installed"):
+            reason = m["state"].replace("_", " ")
+        self._db.execute(
+            "UPDATE deployment_nodes SET state = ?, status_seq = ?, bytes = ?, total = ?,"
+            " mqtt_bytes = COALESCE(?, mqtt_bytes), serial_bytes = COALESCE(?, serial_bytes),"
+            " reason = ?, updated = ? WHERE deployment = ? AND gateway = ? AND node = ?",
+            [
+                str(new), m["seq"], m["bytes"], m["total"], m["mqtt_bytes"], m["serial_bytes"],
+                reason, self._clock(), row.deployment, gateway, row.node,
+            ],
+        )  # fmt: skip
+        detail = {k: m[k] for k in ("seq", "bytes", "total", "mqtt_bytes", "serial_bytes")}
+        detail["reason"] = reason
+        if m["state"] != new:
+            detail["reported"] = m["state"]
+        self._event(row.deployment, gateway, row.node, new, detail)
+        if new is not row.state:
+            log.info("%s: %s -> %s", row.where, row.state, new)
+        return True
+
+    def acked(self, command: Command) -> None:
+        """A deploy command was acknowledged: its node moves from pending to offered."""
+        if command.type is not CommandType.DEPLOY:
+            return
+        row = self._row(command.deployment, command.gateway, command.node)
+        if row is None or row.state is not S.PENDING:
+            return
+        self._move(row, S.OFFERED, {"command": command.seq})
+
+    def abort_gateway(self, gateway: str, reason: str) -> None:
+        """End every running deployment of a gateway that will never report again."""
+        for row in self._active_rows(gateway=gateway):
+            self._move(row, S.ABORTED, {"reason": reason}, reason=reason)
+
+    def offered(self, gateway: str, artifact: bytes) -> bool:
+        """True when a running deployment of ``gateway`` names this artifact (or its fallback)."""
+        found = one(
+            self._db,
+            "SELECT 1 FROM deployment_nodes WHERE gateway = ? AND (artifact = ? OR full = ?)"
+            " AND state IN (SELECT value FROM json_each(?)) LIMIT 1",
+            [gateway, artifact.hex(), artifact.hex(), _ACTIVE_JSON],
+        )
+        return found is not None
+
+    def active_deployment(self, gateway: str, node: str) -> str | None:
+        """The deployment still running on a node, if any."""
+        rows = self._active_rows(gateway=gateway, node=node)
+        return rows[0].deployment if rows else None
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _row(self, deployment: str, gateway: str, node: str) -> _Row | None:
+        row = one(
+            self._db,
+            "SELECT deployment, gateway, node, state, status_seq FROM deployment_nodes"
+            " WHERE deployment = ? AND gateway = ? AND node = ?",
+            [deployment, gateway, node],
+        )
+        return None if row is None else _as_row(row)
+
+    def _active_rows(
+        self, *, deployment: str | None = None, gateway: str | None = None, node: str | None = None
+    ) -> list[_Row]:
+        """The running node deployments that match every filter given."""
+        rows = self._db.query(
+            "SELECT deployment, gateway, node, state, status_seq FROM deployment_nodes"
+            " WHERE (:d IS NULL OR deployment = :d) AND (:g IS NULL OR gateway = :g)"
+            " AND (:n IS NULL OR node = :n) AND state IN (SELECT value FROM json_each(:active))"
+            " ORDER BY deployment, gateway, node",
+            {"d": deployment, "g": gateway, "n": node, "active": _ACTIVE_JSON},
+        )
+        return [_as_row(r) for r in rows]
+
+    def _move(
+        self,
+        row: _Row,
+        new: DeploymentState,
+        detail: dict[str, Any],
+        *,
+        reason: str | None = None,
+    ) -> None:
+        check_transition(row.state, new, row.where)
+        self._db.execute(
+            "UPDATE deployment_nodes SET state = ?, reason = COALESCE(?, reason), updated = ?"
+            " WHERE deployment = ? AND gateway = ? AND node = ?",
+            [str(new), reason, self._clock(), row.deployment, row.gateway, row.node],
+        )
+        self._event(row.deployment, row.gateway, row.node, new, detail)
+        log.info("%s: %s -> %s", row.where, row.state, new)
+
+    def _event(
+        self, deployment: str, gateway: str, node: str, state: DeploymentState,
+        detail: dict[str, Any],
+    ) -> None:  # fmt: skip
+        clean = {k: v for k, v in detail.items() if v is not None}
+        self._db.execute(
+            "INSERT INTO events (deployment, gateway, node, at, state, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [deployment, gateway, node, self._clock(), str(state), json.dumps(clean)],
+        )
+
+
+def _as_row(row: dict[str, Any]) -> _Row:
+    return _Row(
+        row["deployment"], row["gateway"], row["node"], DeploymentState(row["state"]),
+        row["status_seq"],
+    )  # fmt: skip

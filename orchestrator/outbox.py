@@ -1,0 +1,190 @@
+"""The command outbox: every command to a gateway, numbered, stored, re-sent until acked.
+
+Rules (spec: ``docs/topics.md`` §Principles; architecture.md §End-to-end):
+
+* A command gets its gateway's next ``seq`` (1, 2, 3, ... per gateway, kept
+  in ``gateways.next_seq``, never reused) and is written to ``commands`` with
+  its exact payload in the same transaction as the state change that caused
+  it. Only after that transaction commits is it published, so a crash can
+  lose a publish (the re-send covers it) but never a command.
+* A command is acknowledged by ``up/ack {seq}`` or by a HELLO whose
+  ``handled_seq`` is at or above it. Acknowledging twice is a no-op;
+  acknowledging a number never issued is refused.
+* Unacknowledged commands are re-sent with their stored bytes, in ``seq``
+  order: all of them on HELLO, and by the timer those sent longer ago than
+  the re-send interval (or never), while the gateway is accepted and online.
+  The broker cannot be trusted to redeliver (amqtt drops unacked QoS 1
+  after 5 s).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlite_utils import Database
+
+from orchestrator.db import one
+from orchestrator.registry import GatewayState
+from otaproto import fleet
+from otaproto.errors import InvalidInput, UsageError
+
+log = logging.getLogger("shoal.orchestrator")
+
+
+class CommandType(StrEnum):
+    """What a command asks of a gateway."""
+
+    DEPLOY = "deploy"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One row of the outbox."""
+
+    gateway: str
+    seq: int
+    type: CommandType
+    deployment: str
+    node: str
+    payload: bytes
+    sent_at: float | None
+    send_count: int
+    acked_at: float | None
+
+
+class Outbox:
+    """Commands of every gateway in the database. The caller holds the transaction."""
+
+    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
+
+    def enqueue(
+        self,
+        gateway: str,
+        kind: CommandType,
+        deployment: str,
+        node: str,
+        *,
+        artifact: fleet.ArtifactRef | None = None,
+        full: fleet.ArtifactRef | None = None,
+    ) -> Command:
+        """Number and store a command for ``gateway``. Raises UsageError for an unknown one."""
+        row = one(self._db, "SELECT next_seq FROM gateways WHERE id = ?", [gateway])
+        if row is None:
+            raise UsageError(f"no gateway {gateway!r} to send a command to")
+        seq = int(row["next_seq"])
+        body: dict[str, Any] = {
+            "seq": seq, "type": str(kind), "deployment": deployment, "node": node,
+            "artifact": None if artifact is None else artifact.to_map(),
+            "full": None if full is None else full.to_map(),
+        }  # fmt: skip
+        payload = fleet.encode_map(body)
+        fleet.decode_map(payload, fleet.COMMAND, "command")  # what we send meets the contract
+        self._db.execute("UPDATE gateways SET next_seq = ? WHERE id = ?", [seq + 1, gateway])
+        self._db.execute(
+            "INSERT INTO commands (gateway, seq, type, deployment, node, payload, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [gateway, seq, str(kind), deployment, node, payload, self._clock()],
+        )
+        return Command(gateway, seq, kind, deployment, node, payload, None, 0, None)
+
+    def last_issued(self, gateway: str) -> int:
+        """The highest ``seq`` issued to ``gateway`` (0 before the first)."""
+        row = one(self._db, "SELECT next_seq FROM gateways WHERE id = ?", [gateway])
+        return 0 if row is None else int(row["next_seq"]) - 1
+
+    def ack(self, gateway: str, seq: int) -> Command | None:
+        """Mark one command acknowledged; returns it when this is news, None for a repeat.
+
+        Raises InvalidInput for a ``seq`` never issued to this gateway.
+        """
+        command = self._get(gateway, seq)
+        if command is None:
+            raise InvalidInput(f"ack for command {seq}, which was never sent to {gateway}")
+        if command.acked_at is not None:
+            return None
+        self._db.execute(
+            "UPDATE commands SET acked_at = ? WHERE gateway = ? AND seq = ?",
+            [self._clock(), gateway, seq],
+        )
+        return command
+
+    def ack_through(self, gateway: str, handled_seq: int) -> list[Command]:
+        """Mark every command up to ``handled_seq`` acknowledged; returns those that were not.
+
+        A ``handled_seq`` above the last issued number means the gateway saw
+        commands from a database newer than this one (restored from a backup):
+        the counter skips past it, so new commands are not taken as repeats.
+        """
+        last = self.last_issued(gateway)
+        if handled_seq > last:
+            log.warning(
+                "gateway %s has handled command %d but only %d were issued: "
+                "continuing at %d (was the database restored from a backup?)",
+                gateway, handled_seq, last, handled_seq + 1,
+            )  # fmt: skip
+            self._db.execute(
+                "UPDATE gateways SET next_seq = ? WHERE id = ?", [handled_seq + 1, gateway]
+            )
+        news = [
+            _command(r)
+            for r in self._db.query(
+                "SELECT * FROM commands WHERE gateway = ? AND seq <= ? AND acked_at IS NULL"
+                " ORDER BY seq",
+                [gateway, handled_seq],
+            )
+        ]
+        self._db.execute(
+            "UPDATE commands SET acked_at = ? WHERE gateway = ? AND seq <= ? AND acked_at IS NULL",
+            [self._clock(), gateway, handled_seq],
+        )
+        return news
+
+    def unacked(self, gateway: str) -> list[Command]:
+        """The gateway's unacknowledged commands, in ``seq`` order."""
+        rows = self._db.query(
+            "SELECT * FROM commands WHERE gateway = ? AND acked_at IS NULL ORDER BY seq", [gateway]
+        )
+        return [_command(r) for r in rows]
+
+    def due(self, now: float, resend_after_s: float, *, unsent_only: bool = False) -> list[Command]:
+        """Commands to (re-)send now: unacknowledged, to accepted online gateways.
+
+        Those never sent, and (unless ``unsent_only``) those last sent at least
+        ``resend_after_s`` ago; by gateway, then ``seq``.
+        """
+        rows = self._db.query(
+            "SELECT c.* FROM commands c JOIN gateways g ON g.id = c.gateway"
+            " WHERE c.acked_at IS NULL AND g.state = ? AND g.online = 1"
+            " AND (c.sent_at IS NULL OR (? = 0 AND c.sent_at <= ?)) ORDER BY c.gateway, c.seq",
+            [str(GatewayState.ACCEPTED), int(unsent_only), now - resend_after_s],
+        )
+        return [_command(r) for r in rows]
+
+    def mark_sent(self, commands: list[Command]) -> None:
+        """Record that these commands are being published now."""
+        now = self._clock()
+        for c in commands:
+            self._db.execute(
+                "UPDATE commands SET sent_at = ?, send_count = send_count + 1"
+                " WHERE gateway = ? AND seq = ?",
+                [now, c.gateway, c.seq],
+            )
+
+    def _get(self, gateway: str, seq: int) -> Command | None:
+        row = one(self._db, "SELECT * FROM commands WHERE gateway = ? AND seq = ?", [gateway, seq])
+        return None if row is None else _command(row)
+
+
+def _command(row: dict[str, Any]) -> Command:
+    return Command(
+        gateway=row["gateway"], seq=row["seq"], type=CommandType(row["type"]),
+        deployment=row["deployment"], node=row["node"], payload=row["payload"],
+        sent_at=row["sent_at"], send_count=row["send_count"], acked_at=row["acked_at"],
+    )  # fmt: skip
