@@ -837,6 +837,8 @@ class Bootloader:
             )
         manifest = self._verify_manifest(signed_manifest)
         check_installable(manifest, device_type=self._device_type, installed_sequence=None)
+        if manifest.image_size > self.max_image_bytes:
+            raise LimitExceeded("image", manifest.image_size, self.max_image_bytes)
         floor = self._record.confirmed_sequence
         if manifest.sequence < floor:
             raise RollbackRefused(f"sequence {manifest.sequence} is below the confirmed {floor}")

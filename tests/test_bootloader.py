@@ -702,3 +702,14 @@ def test_cuts_that_strike_the_recovery_too_still_recover(path: Path, seed: int) 
     with node(path) as (_, bootloader):
         assert bootloader.boot().state is BootState.CONFIRMED
         assert bootloader.image_bytes(Slot.PRIMARY) == NEW.payload
+
+
+def test_provisioning_an_image_larger_than_the_slot_writes_nothing(path: Path) -> None:
+    from otaproto.errors import LimitExceeded
+
+    big = signed(firmware_like(LAYOUT.max_image_bytes + 4, 3), 1)
+    with node(path) as (flash, bootloader):
+        before = flash.total_write_ops
+        with pytest.raises(LimitExceeded, match="image is"):
+            bootloader.provision(big.signed_manifest, big.payload)
+        assert flash.total_write_ops == before
