@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click_default_group import DefaultGroup
 
 from otaio.files import read_bounded, write_atomic
 from otaproto.artifact import (
@@ -652,6 +653,314 @@ def wire(
         sys.stdout.flush()
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
+
+
+# --- fleet: serve, gateway, devices, upload, deploy ----------------------------
+
+
+def _run_async(main_coro: Any) -> None:
+    """Run a service until Ctrl-C or SIGTERM, then let it stop cleanly."""
+    import asyncio
+    import signal
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main_coro(stop)
+
+    asyncio.run(runner())
+
+
+@main.command("serve")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the orchestrator's SQLite file and artifact store.",
+)
+@click.option(
+    "--trust",
+    "trust",
+    required=True,
+    multiple=True,
+    type=EXISTING_FILE,
+    help="Release public key artifacts must be signed with (repeatable).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Broker address.")
+@click.option(
+    "--port",
+    default=1883,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Broker port (0 = any free port, printed).",
+)
+@click.option(
+    "--external",
+    is_flag=True,
+    help="Use a broker already running at --host/--port instead of the embedded one.",
+)
+@click.option("--tls-cert", type=EXISTING_FILE, default=None, help="Embedded broker: TLS cert.")
+@click.option("--tls-key", type=EXISTING_FILE, default=None, help="Embedded broker: TLS key.")
+@click.option(
+    "--websocket-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Embedded broker: also listen for MQTT over websockets.",
+)
+def serve_command(
+    data_dir: Path,
+    trust: tuple[Path, ...],
+    host: str,
+    port: int,
+    external: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    websocket_port: int | None,
+) -> None:
+    """Run the orchestrator (and the embedded MQTT broker) until Ctrl-C."""
+    import logging
+
+    from broker.embedded import TlsFiles
+    from shoal.serve import ServeOptions, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    options = ServeOptions(
+        data_dir=data_dir,
+        trusted=_load_trust(trust),
+        host=host,
+        port=port,
+        embedded=not external,
+        tls=TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None,
+        websocket_port=websocket_port,
+    )
+
+    def ready(bound_port: int) -> None:
+        click.echo(
+            f"shoal: orchestrator up, MQTT on {host}:{bound_port}; operator 'admin', "
+            f"secret in {data_dir / 'admin.secret'}"
+        )
+        sys.stdout.flush()
+
+    _run_async(lambda stop: serve(options, stop, ready))
+
+
+@main.command("gateway")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=EXISTING_FILE,
+    help="gateway.toml (see examples/gateway.toml).",
+)
+def gateway_command(config_path: Path) -> None:
+    """Run a gateway agent: fetch artifacts over MQTT and flash its nodes."""
+    import logging
+
+    from gateway_proxy.agent import GatewayAgent
+    from gateway_proxy.config import load_config
+    from gateway_proxy.service import run_gateway
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_config(config_path)
+    agent = GatewayAgent(config, _load_trust(config.trust))
+    _run_async(lambda stop: run_gateway(agent, stop))
+
+
+def operator_options(command: Any) -> Any:
+    """The options every operator command shares (also from SHOAL_* environment variables)."""
+    for option in reversed(
+        [
+            click.option("--host", envvar="SHOAL_HOST", default="127.0.0.1", show_default=True),
+            click.option("--port", envvar="SHOAL_PORT", default=1883, show_default=True, type=int),
+            click.option(
+                "--user", "operator", envvar="SHOAL_USER", default="admin", show_default=True
+            ),
+            click.option(
+                "--password",
+                envvar="SHOAL_PASSWORD",
+                default=None,
+                help="Operator secret (or --password-file, or SHOAL_PASSWORD).",
+            ),
+            click.option(
+                "--password-file",
+                envvar="SHOAL_PASSWORD_FILE",
+                default=None,
+                type=click.Path(dir_okay=False, path_type=Path),
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _login(
+    host: str, port: int, operator: str, password: str | None, password_file: Path | None
+) -> Any:
+    from shoal.opsclient import OperatorLogin
+
+    if password is None:
+        if password_file is None:
+            raise UsageError("give --password, --password-file or SHOAL_PASSWORD")
+        password = (
+            read_bounded(password_file, KEY_FILE_LIMIT_BYTES, "password file").decode().strip()
+        )
+    return OperatorLogin(host, port, operator, password)
+
+
+def _call(login: Any, op: str, args: dict[str, Any] | None = None) -> Any:
+    from shoal.opsclient import call
+
+    try:
+        return call(login, op, args or {})
+    except LinkError as exc:
+        raise UsageError(f"cannot reach the orchestrator: {exc}") from exc
+
+
+def _show(result: Any, as_json: bool) -> None:
+    if as_json or not isinstance(result, (dict, list)):
+        click.echo(json.dumps(result, indent=2, default=str))
+        return
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        if isinstance(row, dict):
+            click.echo(
+                "  ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, (dict, list)))
+            )
+        else:
+            click.echo(str(row))
+
+
+@main.group(cls=ShoalGroup)
+def devices() -> None:
+    """Gateways and the nodes behind them (pending -> accepted -> decommissioned)."""
+
+
+def _device_command(name: str, op: str, with_id: bool, help_text: str) -> None:
+    def run(
+        host: str,
+        port: int,
+        operator: str,
+        password: str | None,
+        password_file: Path | None,
+        as_json: bool,
+        **kw: Any,
+    ) -> None:
+        login = _login(host, port, operator, password, password_file)
+        _show(_call(login, op, {"id": kw["device_id"]} if with_id else {}), as_json)
+
+    run.__doc__ = help_text
+    command = operator_options(run)
+    if with_id:
+        command = click.argument("device_id")(command)
+    devices.command(name, help=help_text)(command)
+
+
+_device_command("list", "devices.list", False, "List gateways and their nodes.")
+_device_command("show", "devices.show", True, "Show one gateway, its nodes and what they run.")
+_device_command("add", "devices.add", True, "Register a gateway (pending); prints its secret once.")
+_device_command("accept", "devices.accept", True, "Accept a pending gateway: it may get work.")
+_device_command(
+    "decommission",
+    "devices.decommission",
+    True,
+    "Decommission a gateway: its credentials stop working at once.",
+)
+
+
+@artifact.command("upload")
+@click.argument("file", type=EXISTING_FILE)
+@operator_options
+def artifact_upload(
+    file: Path,
+    host: str,
+    port: int,
+    operator: str,
+    password: str | None,
+    password_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Upload a signed artifact to the orchestrator's store (it verifies it first)."""
+    login = _login(host, port, operator, password, password_file)
+    _show(_call(login, "artifact.upload", {"data": _read_artifact(file)}), as_json)
+
+
+class DeployGroup(DefaultGroup, ShoalGroup):  # type: ignore[misc]
+    """``shoal deploy ARTIFACT --nodes ...`` runs ``create``; ``shoal deploy status ID`` too."""
+
+
+@main.group(cls=DeployGroup, default="create", default_if_no_args=False)
+def deploy() -> None:
+    """Deploy an artifact to nodes (``deploy ARTIFACT --nodes``), and follow deployments."""
+
+
+@deploy.command("create")
+@click.argument("artifact_ref")
+@click.option("--nodes", required=True, help="Comma-separated GATEWAY/NODE list.")
+@operator_options
+def deploy_create(
+    artifact_ref: str,
+    nodes: str,
+    host: str,
+    port: int,
+    operator: str,
+    password: str | None,
+    password_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Deploy ARTIFACT_REF (the full artifact's digest) to the given nodes."""
+    login = _login(host, port, operator, password, password_file)
+    targets = [n.strip() for n in nodes.split(",") if n.strip()]
+    _show(_call(login, "deploy.create", {"artifact": artifact_ref, "nodes": targets}), as_json)
+
+
+@deploy.command("status")
+@click.argument("deployment_id")
+@operator_options
+def deploy_status(
+    deployment_id: str,
+    host: str,
+    port: int,
+    operator: str,
+    password: str | None,
+    password_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Show a deployment: each node's state and bytes."""
+    login = _login(host, port, operator, password, password_file)
+    _show(_call(login, "deploy.status", {"id": deployment_id}), as_json)
+
+
+@main.group(cls=ShoalGroup)
+def broker() -> None:
+    """The MQTT broker: configuration for a production mosquitto."""
+
+
+@broker.command("mosquitto-config")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The orchestrator's data folder (its registry holds the accounts).",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--port", default=1883, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - a broker serves the fleet
+def broker_mosquitto_config(data_dir: Path, out_dir: Path, port: int, host: str) -> None:
+    """Write mosquitto.conf, passwd and acl from the registry."""
+    from broker.mosquitto import Account, write_mosquitto_config
+    from orchestrator.core import Orchestrator
+
+    accounts = [Account(u, h, r) for u, h, r in Orchestrator.read_accounts(data_dir)]
+    conf = write_mosquitto_config(out_dir, accounts=accounts, port=port, host=host)
+    click.echo(f"{conf} ({len(accounts)} accounts)")
 
 
 # --- bench ------------------------------------------------------------------

@@ -1,0 +1,643 @@
+"""The MQTT client: the one module that imports paho.
+
+Rules:
+
+* One :class:`MqttClient` is one MQTT 3.1.1 connection, used as ``async with``.
+  It connects once and never reconnects on its own (paho's auto-reconnect is
+  off): when the link drops, every waiter and :meth:`MqttClient.messages` end
+  with :class:`LinkBroken`, and the caller reconnects by making a *new*
+  client. Shoal does not trust the broker to carry state across a reconnect
+  anyway (architecture: "End-to-end, not broker-trusting"): a gateway says
+  hello and asks for its pending work, the orchestrator re-sends what was not
+  acknowledged.
+* paho runs its network loop on its own thread (``loop_start``; paho names it
+  ``paho-mqtt-client-<client id>``). Every paho callback is handed to the
+  event loop with ``call_soon_threadsafe`` and does nothing else on paho's
+  thread, so all state of this module lives on the event loop thread and a
+  callback can never run before the caller has registered its waiter.
+* ``publish`` with QoS 1 returns when the broker's PUBACK arrives (QoS 0: when
+  paho has written the packet). One future per packet id, always removed in
+  ``finally``. Nothing is ever published retained (an amqtt bug delivers
+  retained messages past topic ACLs; field notes §9): the will is QoS 1 and
+  never retained either.
+* ``subscribe`` returns the granted QoS; a SUBACK of 0x80 raises
+  :class:`SubscribeRefused`. Note that mosquitto's ACL file does not check
+  subscriptions at all (it grants them and filters at delivery), so a granted
+  subscription does not mean anything will be delivered on it.
+* Incoming messages go to one queue, in arrival order, bounded by
+  :data:`MAX_QUEUED_MESSAGES`. A consumer that falls that far behind is a
+  broken link, not a reason to drop messages silently: the client disconnects,
+  the consumer reads what is queued and then :class:`LinkBroken`.
+* Errors: :class:`AuthRefused` (CONNACK 4 or 5) and :class:`LinkBroken`
+  (timeout, refused, DNS, TLS, dropped) from outside; :class:`LinkClosed`
+  after our own ``__aexit__``; :class:`UsageError` for calls that can never
+  work (bad topic, unknown transport, use before ``async with``).
+* Limits of paho (field notes §9): its threaded loop uses ``select()``, which
+  fails silently once a socket number reaches 1024 — do not run more than
+  about 1000 clients in one process (fleet simulators: several processes).
+  paho also loses QoS>0 publishes silently beyond 65,535 in flight; this
+  module keeps at most :data:`MAX_PENDING_PUBLISHES` waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from otaproto.errors import LinkBroken, LinkClosed, LinkError, ShoalError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class _QuietCleanExit(logging.Filter):
+    """Drops the error paho 2.2's threaded loop logs after every clean DISCONNECT.
+
+    Its loop runs once more after it closed the socket itself and reports the
+    missing socket as an error; nothing is wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected.")
+
+
+_paho_log = log.getChild("paho")
+_paho_log.addFilter(_QuietCleanExit())
+
+#: Unread incoming messages one client holds before it gives up on its consumer.
+MAX_QUEUED_MESSAGES = 10_000
+#: Publishes waiting for their PUBACK at once; more wait for a slot (paho breaks past 65,535).
+MAX_PENDING_PUBLISHES = 10_000
+TRANSPORTS = ("tcp", "websockets")
+
+_CLOSE_TIMEOUT_S = 5.0
+# paho reports CONNACK 4 and 5 of MQTT 3.1.1 as these MQTT 5 reason codes.
+_BAD_CREDENTIALS = 134  # "Bad user name or password"
+_NOT_AUTHORIZED = 135  # "Not authorized"
+_SUBACK_FAILURE = 0x80
+
+
+class AuthRefused(LinkBroken):
+    """The broker refused our credentials (CONNACK 4 or 5); retrying with them is useless.
+
+    A :class:`LinkBroken`, so code that only reconnects on broken links still
+    stops here if it catches this first (an unknown or decommissioned device).
+    """
+
+
+class SubscribeRefused(ShoalError):
+    """The broker answered a SUBSCRIBE with 0x80: its policy said no.
+
+    Not a :class:`LinkError` (the connection stays up and usable), not
+    :class:`InvalidInput` (no bytes were bad) and not :class:`UsageError` (the
+    same filter may be fine for another account or another broker).
+    """
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where and as whom to connect. Raises UsageError for values that can never work."""
+
+    host: str
+    port: int
+    client_id: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: Enables TLS and verifies the broker's certificate (and host name) against this CA.
+    tls_ca_file: Path | None = None
+    keepalive_s: int = 30
+    #: Published by the broker (QoS 1, never retained) when we vanish without DISCONNECT.
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    clean_session: bool = True
+    connect_timeout_s: float = 10.0
+    #: "tcp" or "websockets" (path ``/mqtt``).
+    transport: str = "tcp"
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise UsageError("MQTT host is empty")
+        if not 1 <= self.port <= 65535:
+            raise UsageError(f"MQTT port {self.port} is not in 1..65535")
+        if not self.client_id:
+            raise UsageError("MQTT client id is empty (Shoal always names its clients)")
+        if self.password is not None and self.username is None:
+            raise UsageError("an MQTT password needs a username (MQTT 3.1.1 [MQTT-3.1.2-22])")
+        if not 0 <= self.keepalive_s <= 65535:
+            raise UsageError(f"MQTT keepalive {self.keepalive_s} s is not in 0..65535")
+        if not self.connect_timeout_s > 0:
+            raise UsageError(f"MQTT connect timeout {self.connect_timeout_s} s is not positive")
+        if self.transport not in TRANSPORTS:
+            raise UsageError(f"MQTT transport {self.transport!r} is not one of {TRANSPORTS}")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One incoming application message.
+
+    ``retain`` is whatever the broker set; Shoal ignores it (the embedded
+    broker sets it on messages queued while a persistent session was offline).
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    error: LinkError
+
+
+class _Messages:
+    """An async iterator over the client's queue; cancelling one ``__anext__`` loses nothing."""
+
+    def __init__(self, queue: asyncio.Queue[Message | _End]) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)  # every reader, now or later, ends the same way
+            raise _fresh(item.error)
+        return item
+
+
+class MqttClient:
+    """An asyncio MQTT 3.1.1 client over paho; see the module rules."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self._where = f"{settings.host}:{settings.port}"
+        self._paho: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread_started = False
+        self._connack: asyncio.Future[None] | None = None
+        self._link_down = asyncio.Event()
+        # Bounded by hand (MAX_QUEUED_MESSAGES) so that the end marker always fits.
+        self._incoming: asyncio.Queue[Message | _End] = asyncio.Queue()
+        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._subscribes: dict[int, asyncio.Future[list[int]]] = {}
+        self._publish_slots = asyncio.Semaphore(MAX_PENDING_PUBLISHES)
+        self._failure: LinkError | None = None
+        self._connected = False
+        self._closing = False
+
+    # --- connection ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttClient:
+        """Connect and wait for the CONNACK.
+
+        Raises AuthRefused (CONNACK 4/5), LinkBroken (no answer within
+        ``connect_timeout_s``, connection refused, DNS or TLS failure, other
+        CONNACK refusals), UsageError (entered twice, bad host).
+        """
+        if self._paho is not None:
+            raise UsageError("an MqttClient connects once; make a new one to reconnect")
+        self._loop = asyncio.get_running_loop()
+        client = self._make_paho()
+        self._paho = client
+        self._connack = self._loop.create_future()
+        connecting = self._in_thread(self._connect_blocking, "connect")
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await asyncio.shield(connecting)
+                client.loop_start()
+                self._thread_started = True
+                await self._connack
+        except BaseException as exc:
+            error = self._connect_error(exc)
+            if isinstance(error, LinkError):
+                self._fail(error)
+            else:
+                self._fail(LinkClosed(f"connecting to MQTT broker {self._where} was abandoned"))
+            await self._stop_paho(connecting)
+            if error is exc:
+                raise
+            raise error from exc
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Disconnect cleanly (the broker drops our will) and stop paho's thread."""
+        await self.close()
+
+    async def close(self) -> None:
+        """What ``__aexit__`` does; idempotent. Later calls raise LinkClosed (or the
+        LinkBroken that ended the link before)."""
+        client = self._paho
+        if client is None or self._closing:
+            return
+        self._closing = True
+        if self._connected:
+            client.disconnect()
+            if not await _wait(self._link_down, _CLOSE_TIMEOUT_S):
+                log.warning("MQTT broker %s did not take our DISCONNECT; dropping", self._where)
+                _shutdown_socket(client.socket())
+                await _wait(self._link_down, _CLOSE_TIMEOUT_S)
+        await self._stop_paho(None)
+        self._fail(LinkClosed(f"MQTT connection to {self._where} was closed by us"))
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful CONNACK and the end of the link."""
+        return self._connected and self._failure is None
+
+    # --- traffic ------------------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, timeout_s: float = 10.0
+    ) -> None:
+        """Publish ``payload`` to ``topic`` (never retained).
+
+        QoS 1 returns when the broker acknowledged it. Note that both brokers
+        acknowledge a publish their ACL refuses and drop it (MQTT 3.1.1 has no
+        way to say no). Raises LinkBroken (no PUBACK within ``timeout_s``, link
+        lost), LinkClosed (after ``__aexit__``), UsageError (bad topic or QoS).
+        """
+        if qos not in (0, 1, 2):
+            raise UsageError(f"MQTT QoS {qos} is not 0, 1 or 2")
+        self._usable()
+        try:
+            async with asyncio.timeout(timeout_s), self._publish_slots:
+                client = self._usable()
+                try:
+                    info = client.publish(topic, payload, qos=qos, retain=False)
+                except ValueError as exc:
+                    raise UsageError(f"cannot publish to MQTT topic {topic!r}: {exc}") from exc
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise self._failure_or(f"cannot publish to {topic!r}", info.rc)
+                done = self._running_loop().create_future()
+                self._publishes[info.mid] = done
+                try:
+                    await done
+                finally:
+                    self._publishes.pop(info.mid, None)
+        except TimeoutError as exc:
+            raise LinkBroken(
+                f"MQTT broker {self._where} did not acknowledge a publish to {topic!r} "
+                f"within {timeout_s} s"
+            ) from exc
+
+    async def subscribe(self, topic_filter: str, qos: int = 1, timeout_s: float = 10.0) -> int:
+        """Subscribe and return the QoS the broker granted.
+
+        Raises SubscribeRefused (SUBACK 0x80), LinkBroken (no SUBACK within
+        ``timeout_s``, link lost), LinkClosed, UsageError (bad filter or QoS).
+        """
+        if qos not in (0, 1, 2):
+            raise UsageError(f"MQTT QoS {qos} is not 0, 1 or 2")
+        client = self._usable()
+        try:
+            async with asyncio.timeout(timeout_s):
+                try:
+                    rc, mid = client.subscribe(topic_filter, qos)
+                except ValueError as exc:
+                    raise UsageError(f"bad MQTT topic filter {topic_filter!r}: {exc}") from exc
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                    raise self._failure_or(f"cannot subscribe to {topic_filter!r}", rc)
+                done = self._running_loop().create_future()
+                self._subscribes[mid] = done
+                try:
+                    codes = await done
+                finally:
+                    self._subscribes.pop(mid, None)
+        except TimeoutError as exc:
+            raise LinkBroken(
+                f"MQTT broker {self._where} did not answer a subscribe to {topic_filter!r} "
+                f"within {timeout_s} s"
+            ) from exc
+        granted = codes[0] if codes else _SUBACK_FAILURE
+        if granted >= _SUBACK_FAILURE:
+            raise SubscribeRefused(
+                f"MQTT broker {self._where} refused the subscription of "
+                f"{self.settings.username!r} to {topic_filter!r}"
+            )
+        return granted
+
+    def messages(self) -> AsyncIterator[Message]:
+        """Every incoming message, in arrival order, across all subscriptions.
+
+        The iterator ends by raising LinkBroken when the connection drops (after
+        the messages that arrived before) and LinkClosed after ``__aexit__``;
+        whichever happened first is what every later read raises. Raises
+        UsageError before ``async with``.
+        """
+        if self._paho is None:
+            raise UsageError("enter the MqttClient with 'async with' before reading messages")
+        return _Messages(self._incoming)
+
+    # --- paho's side: runs on paho's thread, only hands over to the event loop -----------
+
+    def _make_paho(self) -> paho.Client:
+        s = self.settings
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            clean_session=s.clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            transport="websockets" if s.transport == "websockets" else "tcp",
+            reconnect_on_failure=False,
+        )
+        client.suppress_exceptions = True  # a bug in a callback must not kill paho's thread
+        client.enable_logger(_paho_log)
+        client.connect_timeout = s.connect_timeout_s
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls_ca_file is not None:
+            try:
+                client.tls_set(ca_certs=str(s.tls_ca_file))
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise LinkBroken(f"cannot use TLS CA file {s.tls_ca_file}: {_reason(exc)}") from exc
+        if s.will_topic is not None:
+            try:
+                client.will_set(s.will_topic, s.will_payload, qos=1, retain=False)
+            except ValueError as exc:
+                raise UsageError(f"bad MQTT will topic {s.will_topic!r}: {exc}") from exc
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_publish = self._paho_publish
+        client.on_subscribe = self._paho_subscribe
+        client.on_message = self._paho_message
+        return client
+
+    def _connect_blocking(self) -> None:
+        assert self._paho is not None
+        self._paho.connect(self.settings.host, self.settings.port, self.settings.keepalive_s)
+
+    def _paho_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._hand_over(self._on_connack, reason.value, str(reason))
+
+    def _paho_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._hand_over(self._on_link_down, str(reason))
+
+    def _paho_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._hand_over(self._on_published, mid)
+
+    def _paho_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._hand_over(self._on_suback, mid, [r.value for r in reasons])
+
+    def _paho_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning(
+                "dropped an MQTT message from %s with a topic that is not UTF-8", self._where
+            )
+            return
+        incoming = Message(topic, bytes(message.payload), message.qos, bool(message.retain))
+        self._hand_over(self._on_message, incoming)
+
+    def _hand_over(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening
+            loop.call_soon_threadsafe(callback, *args)
+
+    # --- the event loop's side ---------------------------------------------------------
+
+    def _on_connack(self, code: int, reason: str) -> None:
+        waiter = self._connack
+        if waiter is None or waiter.done():
+            return
+        if code < _SUBACK_FAILURE:
+            self._connected = True
+            waiter.set_result(None)
+            return
+        user = self.settings.username
+        if code in (_BAD_CREDENTIALS, _NOT_AUTHORIZED):
+            refusal: LinkError = AuthRefused(
+                f"MQTT broker {self._where} refused the credentials of {user!r}: {reason}"
+            )
+        else:
+            refusal = LinkBroken(
+                f"MQTT broker {self._where} refused the connection of {user!r}: {reason}"
+            )
+        # Recorded now: the broker's close, right behind the CONNACK, must not
+        # become the reason why this link ended.
+        self._fail(refusal)
+        waiter.set_exception(refusal)
+
+    def _on_link_down(self, reason: str) -> None:
+        self._connected = False
+        if self._closing:
+            error: LinkError = LinkClosed(f"MQTT connection to {self._where} was closed by us")
+        else:
+            error = LinkBroken(f"MQTT connection to {self._where} was lost: {reason}")
+        waiter = self._connack
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                LinkBroken(
+                    f"MQTT broker {self._where} closed the connection before CONNACK: {reason}"
+                )
+            )
+        self._fail(error)
+        self._link_down.set()
+
+    def _on_published(self, mid: int) -> None:
+        waiter = self._publishes.get(mid)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_suback(self, mid: int, codes: list[int]) -> None:
+        waiter = self._subscribes.get(mid)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(codes)
+
+    def _on_message(self, message: Message) -> None:
+        if self._failure is not None:
+            return
+        if self._incoming.qsize() >= MAX_QUEUED_MESSAGES:
+            log.error(
+                "%d unread MQTT messages from %s: the consumer is too slow, disconnecting",
+                MAX_QUEUED_MESSAGES,
+                self._where,
+            )
+            self._fail(
+                LinkBroken(
+                    f"more than {MAX_QUEUED_MESSAGES} unread MQTT messages from {self._where}: "
+                    "the consumer fell behind and the client disconnected"
+                )
+            )
+            if self._paho is not None:
+                self._paho.disconnect()
+            return
+        self._incoming.put_nowait(message)
+
+    def _fail(self, error: LinkError) -> None:
+        """Record why the link ended (the first reason wins) and release every waiter."""
+        if self._failure is None:
+            self._failure = error
+            self._incoming.put_nowait(_End(error))
+        waiters: list[asyncio.Future[Any]] = [*self._publishes.values(), *self._subscribes.values()]
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(_fresh(self._failure))
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _usable(self) -> paho.Client:
+        if self._paho is None:
+            raise UsageError("enter the MqttClient with 'async with' before using it")
+        if self._failure is not None:
+            raise _fresh(self._failure)
+        return self._paho
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def _failure_or(self, what: str, rc: MQTTErrorCode) -> LinkError:
+        if self._failure is not None:
+            return _fresh(self._failure)
+        return LinkBroken(f"{what} on MQTT broker {self._where}: {paho.error_string(rc)}")
+
+    def _connect_error(self, exc: BaseException) -> BaseException:
+        where, timeout_s = self._where, self.settings.connect_timeout_s
+        if isinstance(exc, LinkError | UsageError):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return LinkBroken(f"no CONNACK from MQTT broker {where} within {timeout_s} s")
+        if isinstance(exc, OSError):  # refused, DNS, TLS verification, websocket handshake
+            return LinkBroken(f"cannot connect to MQTT broker {where}: {_reason(exc)}")
+        if isinstance(exc, ValueError):
+            return UsageError(f"cannot connect to MQTT broker {where}: {exc}")
+        return exc
+
+    async def _stop_paho(self, connecting: asyncio.Future[None] | None) -> None:
+        """End paho's thread and socket, also when ``connecting`` is still running."""
+        client = self._paho
+        if client is None:
+            return
+        if connecting is not None and not connecting.done():
+            # The connect thread is still blocked in DNS or TCP (bounded by paho's
+            # connect timeout); close whatever socket it ends up with.
+            def late(finished: asyncio.Future[None]) -> None:
+                if not finished.cancelled():
+                    finished.exception()  # retrieved: it was reported as a timeout already
+                _close_quietly(client)
+
+            connecting.add_done_callback(late)
+            return
+        if self._thread_started:
+            self._thread_started = False
+            client.disconnect()
+            await self._in_thread(client.loop_stop, "stop")
+        _close_quietly(client)
+
+    def _in_thread(self, work: Callable[[], object], what: str) -> asyncio.Future[None]:
+        """Run blocking ``work`` on a named daemon thread (not the default executor,
+        which ``asyncio.run`` would wait for at exit)."""
+        loop = self._running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                work()
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, error)
+
+        name = f"shoal-mqtt-{what}-{self.settings.client_id}"
+        threading.Thread(target=run, name=name, daemon=True).start()
+        return done
+
+
+def _fresh(error: LinkError) -> LinkError:
+    """A new exception of the same type and message, so that no two raises share a traceback."""
+    return type(error)(str(error))
+
+
+async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _shutdown_socket(sock: object) -> None:
+    """Shut a connection down under paho's feet: its thread sees EOF and ends."""
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        fd = fileno()
+        with socket.socket(fileno=socket.dup(fd)) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+
+
+def _close_quietly(client: paho.Client) -> None:
+    sock = client.socket()
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:160]
