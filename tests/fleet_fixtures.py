@@ -87,15 +87,16 @@ class Fleet:
         folder: Path,
         initial: VerifiedArtifact | None = None,
         seed_images: tuple[bytes, ...] = (),
+        node_overrides: dict[str, dict[str, Any]] | None = None,
     ) -> GatewayAgent:
         secret = self.ops("devices.add", id=gateway_id)
         secret = secret["secret"] if isinstance(secret, dict) else secret
         self.ops("devices.accept", id=gateway_id)
         ports = []
         for name in nodes:
-            thread = NodeThread(
-                SimulatedNode(node_config(folder / f"{gateway_id}-{name}"), initial=initial)
-            )
+            overrides = (node_overrides or {}).get(name, {})
+            node_settings = node_config(folder / f"{gateway_id}-{name}", **overrides)
+            thread = NodeThread(SimulatedNode(node_settings, initial=initial))
             self.nodes[f"{gateway_id}/{name}"] = thread
             ports.append(NodePort(name, thread.path, 2_000_000))
         config = GatewayConfig(

@@ -93,3 +93,27 @@ def test_deltas_cross_mqtt_only_where_the_gateway_has_the_base(tmp_path: Path) -
         }
         assert nodes["gw-a/n1"]["mqtt_bytes"] == len(delta) < len(full_new) // 4
         assert nodes["gw-b/n1"]["mqtt_bytes"] == len(full_new)
+
+
+def test_one_nodes_failure_does_not_stop_the_others(tmp_path: Path) -> None:
+    imgs = images(24 * 1024)
+    with running_fleet(tmp_path) as fleet:
+        fleet.ops("artifact.upload", data=artifact_file(tmp_path, imgs.new, "v2.art").read_bytes())
+        fleet.add_gateway(
+            "gw-a", ["good", "bad"], tmp_path, imgs.old,
+            node_overrides={"bad": {"fail_self_test": frozenset({"2.0.0"})}},
+        )  # fmt: skip
+        wait_for(
+            lambda: all(n.get("primary") for n in fleet.ops("devices.show", id="gw-a")["nodes"])
+        )
+        created = fleet.ops("deploy.create", artifact=imgs.new.manifest.image_digest.hex(),
+                            nodes=["gw-a/good", "gw-a/bad"])  # fmt: skip
+        deployment_id = created["id"] if isinstance(created, dict) else created
+        status = wait_for(lambda: (s := fleet.ops("deploy.status", id=deployment_id))
+                          and set(node_states(s).values()) <= FINAL and s)  # fmt: skip
+        nodes = deployment_nodes(status)
+        assert nodes["gw-a/good"]["state"] == "succeeded"
+        assert nodes["gw-a/bad"]["state"] == "rolled_back"
+        assert "self-test" in nodes["gw-a/bad"]["reason"]
+        bad = fleet.nodes["gw-a/bad"].node.running
+        assert bad is not None and bad.version == "1.0.0"
