@@ -37,6 +37,14 @@ from otaproto.manifest import Manifest
 
 KEY_FILE_LIMIT_BYTES = 16 * 1024
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+TRUST_OPTION = click.option(
+    "--trust", "trust", required=True, multiple=True, type=EXISTING_FILE,
+    help="Trusted public key (repeat for several).",
+)  # fmt: skip
+BASE_OPTION = click.option(
+    "--base", "base", type=EXISTING_FILE,
+    help="For a delta: the base image (.bin/.hex) or its full artifact.",
+)  # fmt: skip
 
 
 class ShoalGroup(click.Group):
@@ -302,20 +310,8 @@ def artifact_inspect(file: Path, trust: tuple[Path, ...], as_json: bool) -> None
 
 @artifact.command("verify")
 @click.argument("file", type=EXISTING_FILE)
-@click.option(
-    "--trust",
-    "trust",
-    required=True,
-    multiple=True,
-    type=EXISTING_FILE,
-    help="Trusted public key (repeat for several).",
-)
-@click.option(
-    "--base",
-    "base",
-    type=EXISTING_FILE,
-    help="For a delta: the base image (.bin/.hex) or its full artifact.",
-)
+@TRUST_OPTION
+@BASE_OPTION
 @click.option("--device-type", default=None, help="Refuse unless the artifact is for this type.")
 @click.option(
     "--installed-seq",
@@ -352,20 +348,8 @@ def artifact_verify(
 
 @artifact.command("extract")
 @click.argument("file", type=EXISTING_FILE)
-@click.option(
-    "--trust",
-    "trust",
-    required=True,
-    multiple=True,
-    type=EXISTING_FILE,
-    help="Trusted public key (repeat for several).",
-)
-@click.option(
-    "--base",
-    "base",
-    type=EXISTING_FILE,
-    help="For a delta: the base image (.bin/.hex) or its full artifact.",
-)
+@TRUST_OPTION
+@BASE_OPTION
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def artifact_extract(file: Path, trust: tuple[Path, ...], base: Path | None, out: Path) -> None:
     """Verify an artifact and write the full firmware image, applying a delta."""
@@ -391,20 +375,8 @@ EXIT_POWER_CUT = 75
 @main.command("flash")
 @click.option("--port", required=True, help="Serial port: /dev/ttyUSB0, a pty path, socket://h:p.")
 @click.option("--artifact", "artifact_path", required=True, type=EXISTING_FILE)
-@click.option(
-    "--trust",
-    "trust",
-    required=True,
-    multiple=True,
-    type=EXISTING_FILE,
-    help="Trusted public key (repeat for several).",
-)
-@click.option(
-    "--base",
-    "base",
-    type=EXISTING_FILE,
-    help="For a delta: the base image (.bin/.hex) or its full artifact.",
-)
+@TRUST_OPTION
+@BASE_OPTION
 @click.option("--baud", default=115200, show_default=True, type=click.IntRange(300, 20_000_000))
 @click.option("--no-test-boot", is_flag=True, help="Stop once the node verified the image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, no progress bar.")
