@@ -9,6 +9,12 @@ Rules (spec: ``docs/topics.md`` §Gateway):
 * Commands are handled at most once: the highest command ``seq`` handled is
   persisted with the jobs, every command is acknowledged (again, if repeated),
   and HELLO tells the orchestrator that number on every (re)connect.
+* STATUS has no acknowledgement, and one can be lost between the broker and
+  an orchestrator that crashes, or in a batch whose connection dropped. A lost
+  progress report is overtaken by the next one, but a lost final report would
+  leave the node's deployment running forever; so the newest final reports
+  are kept (on disk) and repeated after every (re)connect. The orchestrator
+  ignores a status number it has already seen.
 * Everything a restart needs is on disk (``data_dir``): the jobs and their
   status sequence numbers (``agent.cbor``, written atomically), the downloads
   with their block bitmaps (:mod:`gateway_proxy.downloads`), and the images
@@ -52,6 +58,8 @@ log = logging.getLogger("shoal.gateway")
 AGENT_VERSION = "shoal-gateway 0.1"
 FETCH_RETRY_S = 5.0
 STATE_FILE = "agent.cbor"
+#: Final reports repeated after each (re)connect: the newest this many.
+RESENT_FINAL_REPORTS = 32
 MAX_STATE_BYTES = 4 * 1024 * 1024
 
 #: How a finished node update is reported as a deployment state.
@@ -161,6 +169,7 @@ class GatewayAgent:
         self._lock = threading.Lock()
         self.handled_seq = 0
         self.jobs: dict[str, Job] = {}
+        self._finals: list[bytes] = []  #: STATUS payloads, oldest first
         self._load()
 
     # -- topics --------------------------------------------------------------
@@ -185,9 +194,12 @@ class GatewayAgent:
             "nodes": sorted(self._nodes),
             "handled_seq": self.handled_seq,
         }
+        with self._lock:
+            finals = [(self._up(t.Up.STATUS), payload) for payload in self._finals]
         return [
             (self._up(t.Up.STATE), fleet.encode_map({"online": True})),
             (self._up(t.Up.HELLO), fleet.encode_map(hello)),
+            *finals,
         ]
 
     def inventory(self, only: str | None = None) -> Outgoing:
@@ -314,11 +326,22 @@ class GatewayAgent:
         jobs = self._jobs_fetching(download.ref.digest)
         if not jobs:
             return []
-        if not force and now - min(j.last_fetch_s for j in jobs) < FETCH_RETRY_S / 4:
+        # A sliding window: blocks asked for and not yet here are not asked for
+        # again until FETCH_RETRY_S has passed (or ``force``: nothing came for
+        # that long); the window is refilled once half of it has arrived.
+        window = min(self.config.fetch_window_blocks, fleet.MAX_BLOCKS_PER_FETCH)
+        asked = download.asked
+        for index, at in list(asked.items()):
+            if force or now - at >= FETCH_RETRY_S:
+                del asked[index]
+        if len(asked) > window // 2:
             return []
-        missing = download.missing(min(self.config.fetch_window_blocks, fleet.MAX_BLOCKS_PER_FETCH))
+        fresh = [i for i in download.missing(window + len(asked)) if i not in asked]
+        missing = fresh[: window - len(asked)]
         if not missing:
             return []
+        for index in missing:
+            asked[index] = now
         for job in jobs:
             job.last_fetch_s = now
         request = {"artifact": download.ref.digest, "blocks": missing}
@@ -410,6 +433,9 @@ class GatewayAgent:
                 download = self._downloads.get(ref.digest)
                 if download is None:
                     download = self._downloads[ref.digest] = Download(self._data / "downloads", ref)
+                    # Blocks already on disk came over MQTT before a restart, for these jobs.
+                    for fetching in self._jobs_fetching(ref.digest):
+                        fetching.mqtt_bytes = max(fetching.mqtt_bytes, download.bytes_have)
                     if download.complete:
                         out.extend(self._download_done(download))
                         continue
@@ -445,6 +471,7 @@ class GatewayAgent:
     ) -> Outgoing:
         job.reason = reason
         message = self._status(job, state, serial_bytes=serial_bytes)
+        self._finals = [*self._finals, message[1]][-RESENT_FINAL_REPORTS:]
         self.jobs.pop(job.key, None)
         self._save()
         needed = {self._wanted(j).digest for j in self.jobs.values()}
@@ -465,7 +492,11 @@ class GatewayAgent:
         return self._data / "images" / f"{digest.hex()}.bin"
 
     def _save(self) -> None:
-        state = {"handled_seq": self.handled_seq, "jobs": [j.to_map() for j in self.jobs.values()]}
+        state = {
+            "handled_seq": self.handled_seq,
+            "jobs": [j.to_map() for j in self.jobs.values()],
+            "finals": self._finals,
+        }
         write_atomic(self._data / STATE_FILE, cbor.encode(state), mode=0o600)
 
     def _load(self) -> None:
@@ -475,6 +506,7 @@ class GatewayAgent:
         try:
             raw = cbor.decode(path.read_bytes()[:MAX_STATE_BYTES], "agent state")
             self.handled_seq = int(raw["handled_seq"])
+            self._finals = [bytes(p) for p in raw.get("finals", [])][-RESENT_FINAL_REPORTS:]
             for item in raw["jobs"]:
                 job = Job.from_map(item)
                 if job.state not in ("downloading",):

@@ -50,6 +50,9 @@ class Download:
             os.ftruncate(self._map, 0)
             os.ftruncate(self._map, ref.block_count)
         self._have = bytearray(os.pread(self._map, ref.block_count, 0))
+        #: Blocks asked for and not arrived yet -> when they were asked for. In
+        #: memory only: a restarted gateway has nothing in flight.
+        self.asked: dict[int, float] = {}
 
     @property
     def complete(self) -> bool:
@@ -80,6 +83,7 @@ class Download:
         expected = min(self.ref.block_bytes, self.ref.size - index * self.ref.block_bytes)
         if len(data) != expected:
             raise MalformedError("block.data", f"block {index}: {len(data)} bytes, not {expected}")
+        self.asked.pop(index, None)
         if self._have[index]:
             return False
         os.pwrite(self._part, data, index * self.ref.block_bytes)
@@ -92,6 +96,7 @@ class Download:
         data = os.pread(self._part, self.ref.size, 0)
         if hashlib.sha256(data).digest() != self.ref.digest:
             self._have = bytearray(self.ref.block_count)
+            self.asked.clear()
             os.pwrite(self._map, bytes(self.ref.block_count), 0)
             raise DigestMismatch("downloaded artifact does not match its digest: fetching again")
         return data

@@ -3,7 +3,10 @@
 Rules:
 
 * The connection carries a will (``up/state {online: false}``), so the
-  orchestrator learns of a dead gateway from the broker.
+  orchestrator learns of a dead gateway from the broker. A clean DISCONNECT
+  makes the broker drop the will, so a gateway that is stopped says offline
+  itself first: otherwise the orchestrator would take it for online and
+  keep sending its commands to nobody.
 * After every (re)connect: subscribe to our own ``down/#``, say online and
   HELLO (which brings every unacknowledged command again), then report the
   inventory.
@@ -97,3 +100,6 @@ async def _session(agent: GatewayAgent, stop: asyncio.Event) -> None:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if stop.is_set():
+            with contextlib.suppress(LinkError):
+                await client.publish(*agent.will)

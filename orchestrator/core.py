@@ -31,6 +31,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -103,6 +104,8 @@ class Orchestrator:
         self._outbox = Outbox(self._db, clock)
         self._deployments = Deployments(self._db, clock, self._registry, self._store, self._outbox)
         self._blocks = BlockServer()
+        #: Blocks sent per (gateway, artifact) since this start: what deploy.status shows.
+        self._served: Counter[tuple[str, bytes]] = Counter()
         self._operators = OperatorApi(self)
         self._up: dict[Up, Callable[[Gateway, bytes], Effects]] = {
             Up.HELLO: self._on_hello,
@@ -323,6 +326,7 @@ class Orchestrator:
             body = {"artifact": request.artifact, "index": request.index, "data": data}
             topic = gateway_down(request.gateway, Down.BLOCK)
             effects.outgoing.append(Outgoing(topic, fleet.encode_map(body)))
+            self._served[(request.gateway, request.artifact)] += 1
         return effects
 
     def flush(self) -> Effects:
@@ -403,8 +407,22 @@ class Orchestrator:
         return self.flush()
 
     def deployment_status(self, deployment_id: str) -> dict[str, Any]:
-        """A deployment, its per-node states, bytes and events. Raises InvalidInput."""
-        return self._deployments.status(deployment_id)
+        """A deployment, its per-node states, bytes and events. Raises InvalidInput.
+
+        Each node also gets ``blocks_served``: the blocks of its artifact (and
+        fallback) this orchestrator sent to its gateway since it started, shared
+        by that gateway's nodes fetching the same artifact. Set against the
+        artifact's block count it shows what resumable downloads save, or a
+        gateway fetching the same blocks again; the gateway's ``mqtt_bytes``
+        only says what arrived.
+        """
+        status = self._deployments.status(deployment_id)
+        for node in status["nodes"]:
+            digests = {d for d in (node["artifact"], node["full"]) if d is not None}
+            node["blocks_served"] = sum(
+                self._served[(node["gateway"], bytes.fromhex(d))] for d in digests
+            )
+        return status
 
     def list_devices(self) -> dict[str, Any]:
         """Every gateway with its nodes, for ``devices.list``."""
