@@ -5,6 +5,14 @@ Rules:
 * Three files in one directory: ``mosquitto.conf`` (one listener, no
   anonymous access), ``passwd`` (``username:$7$...`` lines, exactly the
   registry's hashes, mode 0600) and ``acl``.
+* ``passwd`` belongs to whoever mosquitto reads it as. Started as root (a
+  service manager, Debian's unit), mosquitto drops to its ``user`` (default
+  ``mosquitto``) *before* it reads the file, so a root-owned 0600 file stops
+  it with "Unable to open pwfile". Written by root, the file is therefore
+  given to that user (``run_as_user``, else ``mosquitto`` when that account
+  exists); written by anyone else, it stays theirs (mosquitto started by the
+  same user reads it). A persistence folder this module creates is given to
+  that user the same way, since mosquitto saves its database there.
 * The ACL is the policy of :mod:`otaproto.topics` (``may_publish``,
   ``may_receive``) written in mosquitto's words:
 
@@ -41,6 +49,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import pwd
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +64,8 @@ ACL_FILE_NAME = "acl"
 MAX_QUEUED_MESSAGES = 100_000
 MAX_INFLIGHT_MESSAGES = 20
 PERSISTENT_CLIENT_EXPIRATION = "14d"
+#: The user mosquitto drops to when started as root and the config names none.
+DEFAULT_BROKER_USER = "mosquitto"
 
 
 @dataclass(frozen=True)
@@ -94,12 +105,14 @@ def write_mosquitto_config(
     accounts, write again and send it SIGHUP (mosquitto re-reads the password
     and ACL files). Each file is replaced atomically. ``run_as_user`` writes
     mosquitto's ``user`` option: started as root, mosquitto drops to that
-    user *before* it reads the password file, which must then be readable by
-    it (tests running as root pass ``"root"``).
+    user *before* it reads the password file, which is then given to that
+    user when root writes it (see the module rules; tests running as root
+    pass ``"root"``).
 
     Raises MalformedError for a username that is not a Shoal id or a hash that
     is not a ``$7$`` string, UsageError for a duplicate username, a port out
-    of range or a path or host that cannot be written into the config.
+    of range, a path or host that cannot be written into the config, or (run
+    as root) a ``run_as_user`` that is no account on this machine.
     """
     if not 1 <= port <= 65535:
         raise UsageError(f"mosquitto port {port} is not in 1..65535")
@@ -143,9 +156,13 @@ def write_mosquitto_config(
         "set_tcp_nodelay true",
         "",
     ]
+    owner = _broker_owner(run_as_user)
     if persistence_dir is not None:
         directory = persistence_dir.resolve()
-        directory.mkdir(parents=True, exist_ok=True)
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            if owner is not None:  # mosquitto writes its database there as its own user
+                os.chown(directory, *owner)
         lines += ["persistence true", f"persistence_location {_value(directory)}/"]
     else:
         lines += ["persistence false"]
@@ -161,7 +178,8 @@ def write_mosquitto_config(
         "connection_messages true",
     ]
 
-    _write(password_file, "".join(f"{a.username}:{a.secret_hash}\n" for a in accounts), 0o600)
+    passwords = "".join(f"{a.username}:{a.secret_hash}\n" for a in accounts)
+    _write(password_file, passwords, 0o600, owner=owner)
     _write(acl_file, acl_text(accounts), 0o644)
     _write(config_file, "\n".join(lines) + "\n", 0o644)
     return config_file
@@ -215,11 +233,30 @@ def _value(value: object) -> str:
     return text
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Replace ``path`` atomically with ``text``, created with ``mode`` from the start."""
+def _broker_owner(run_as_user: str | None) -> tuple[int, int] | None:
+    """The (uid, gid) ``passwd`` must belong to, or None to leave it to its writer.
+
+    Only root can give a file away, and only root-started mosquitto changes
+    user. Raises UsageError when ``run_as_user`` names no account here.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(run_as_user or DEFAULT_BROKER_USER)
+    except KeyError:
+        if run_as_user is None:
+            return None  # no 'mosquitto' account: mosquitto will stay root (and read it as root)
+        raise UsageError(f"mosquitto cannot run as {run_as_user!r}: no such user") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _write(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` atomically with ``text``, created with ``mode`` (and ``owner``)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)

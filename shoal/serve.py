@@ -11,6 +11,19 @@ Rules:
   and ACL files from the same registry.
 * A first start creates the operator ``admin`` and writes its secret to
   ``DATA/admin.secret`` (mode 0600).
+* A lost broker connection is not the end of the service: it reconnects,
+  backing off from 0.5 s to 15 s, for as long as it runs (a broker restart, a
+  network cut). Only refused credentials (:class:`AuthRefused`) end it, since
+  trying them again cannot help. ``ready`` is called after the first connect
+  only.
+* On an external broker the orchestrator keeps a persistent session
+  (``clean_session`` false, fixed client id): what gateways and operators
+  publish while it is away is queued by the broker (and, with mosquitto's
+  ``persistence``, survives a broker restart) and handled when it is back.
+  After a broker restart the gateways are often back first: their HELLO and
+  the status reports they were holding (a node's final one among them) go
+  out at once, and without this queue they would reach nobody. The embedded
+  broker lives and dies with this process, so its session stays clean.
 """
 
 from __future__ import annotations
@@ -25,13 +38,16 @@ from pathlib import Path
 from broker.embedded import EmbeddedBroker, TlsFiles
 from orchestrator.core import Effects, Orchestrator
 from otaio.files import write_atomic
-from otaio.mqtt import MqttClient, MqttSettings
+from otaio.mqtt import AuthRefused, MqttClient, MqttSettings
 from otaproto import topics as t
+from otaproto.errors import LinkError
 from otaproto.keys import TrustedKeys
 
 log = logging.getLogger("shoal.serve")
 
 TICK_S = 0.05
+#: Pauses between reconnect attempts; the last one repeats.
+RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 
 @dataclass(frozen=True)
@@ -86,16 +102,51 @@ async def _run(
     ready: Callable[[int], Awaitable[None] | None] | None,
     disconnect: Callable[[str], Awaitable[None]] | None,
 ) -> None:
+    """Stay connected until ``stop`` is set, one session after another (see the module rules)."""
     settings = MqttSettings(
         host=host, port=port, client_id="shoal-orchestrator", username="orchestrator",
         password=orchestrator.orchestrator_secret, tls_ca_file=tls_ca_file,
+        clean_session=disconnect is not None,  # external broker: keep our queue while away
     )  # fmt: skip
+    sessions = 0
+    attempt = 0
+    while not stop.is_set():
+        connected = asyncio.Event()
+        try:
+            await _session(
+                orchestrator, settings, stop, ready if sessions == 0 else None, disconnect,
+                connected,
+            )  # fmt: skip
+            return
+        except AuthRefused:
+            raise
+        except LinkError as exc:
+            if connected.is_set():
+                sessions += 1
+                attempt = 0
+            delay = RECONNECT_BACKOFF_S[min(attempt, len(RECONNECT_BACKOFF_S) - 1)]
+            attempt += 1
+            log.warning("orchestrator: %s; reconnecting in %.1f s", exc, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+
+
+async def _session(
+    orchestrator: Orchestrator,
+    settings: MqttSettings,
+    stop: asyncio.Event,
+    ready: Callable[[int], Awaitable[None] | None] | None,
+    disconnect: Callable[[str], Awaitable[None]] | None,
+    connected: asyncio.Event,
+) -> None:
+    """One connection: subscribe, then move messages and ticks until ``stop`` or a lost link."""
     async with MqttClient(settings) as client:
         await client.subscribe(t.ALL_GATEWAY_UP)
         await client.subscribe(t.ALL_OPERATOR_REQUESTS)
-        log.info("orchestrator connected to %s:%d", host, port)
+        connected.set()
+        log.info("orchestrator connected to %s:%d", settings.host, settings.port)
         if ready is not None:
-            result = ready(port)
+            result = ready(settings.port)
             if result is not None:
                 await result
 

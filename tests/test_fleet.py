@@ -117,3 +117,4 @@ def test_one_nodes_failure_does_not_stop_the_others(tmp_path: Path) -> None:
         assert "self-test" in nodes["gw-a/bad"]["reason"]
         bad = fleet.nodes["gw-a/bad"].node.running
         assert bad is not None and bad.version == "1.0.0"
+
