@@ -677,6 +677,13 @@ def _run_async(main_coro: Any) -> None:
 @click.option("--tls-cert", type=EXISTING_FILE, default=None, help="Embedded broker: TLS cert.")
 @click.option("--tls-key", type=EXISTING_FILE, default=None, help="Embedded broker: TLS key.")
 @click.option(
+    "--tls-ca",
+    "tls_ca_file",
+    type=EXISTING_FILE,
+    default=None,
+    help="With --external: the CA that signed the broker's TLS certificate (enables TLS).",
+)
+@click.option(
     "--websocket-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -690,6 +697,7 @@ def serve_command(
     external: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
+    tls_ca_file: Path | None,
     websocket_port: int | None,
 ) -> None:
     """Run the orchestrator (and the embedded MQTT broker) until Ctrl-C."""
@@ -710,6 +718,7 @@ def serve_command(
         embedded=not external,
         tls=TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None,
         websocket_port=websocket_port,
+        tls_ca_file=tls_ca_file,
     )
 
     def ready(bound_port: int) -> None:
@@ -748,7 +757,13 @@ def operator_options(command: Any) -> Any:
     """The options every operator command shares (also from SHOAL_* environment variables)."""
     for option in reversed(
         [
-            click.option("--host", envvar="SHOAL_HOST", default="127.0.0.1", show_default=True),
+            click.option(
+                "--host",
+                envvar="SHOAL_HOST",
+                default="127.0.0.1",
+                show_default=True,
+                help="Broker address. For TLS, set SHOAL_TLS_CA to the broker's CA file.",
+            ),
             click.option("--port", envvar="SHOAL_PORT", default=1883, show_default=True, type=int),
             click.option(
                 "--user", "operator", envvar="SHOAL_USER", default="admin", show_default=True
@@ -783,7 +798,8 @@ def _login(
         password = (
             read_bounded(password_file, KEY_FILE_LIMIT_BYTES, "password file").decode().strip()
         )
-    return OperatorLogin(host, port, operator, password)
+    ca = os.environ.get("SHOAL_TLS_CA")
+    return OperatorLogin(host, port, operator, password, Path(ca) if ca else None)
 
 
 def _call(login: Any, op: str, args: dict[str, Any] | None = None) -> Any:
@@ -925,13 +941,52 @@ def broker() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--port", default=1883, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - a broker serves the fleet
-def broker_mosquitto_config(data_dir: Path, out_dir: Path, port: int, host: str) -> None:
-    """Write mosquitto.conf, passwd and acl from the registry."""
-    from broker.mosquitto import Account, write_mosquitto_config
+@click.option(
+    "--persistence",
+    "persistence_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for mosquitto's persistence (default: OUT/persistence). Without it, messages "
+    "queued for a reconnecting orchestrator are lost when mosquitto restarts.",
+)
+@click.option("--no-persistence", is_flag=True, help="Run mosquitto without persistence.")
+@click.option(
+    "--user",
+    "run_as_user",
+    default=None,
+    help="The user mosquitto drops to when started as root (default: mosquitto).",
+)
+@click.option("--tls-cert", type=EXISTING_FILE, default=None, help="TLS certificate (PEM).")
+@click.option("--tls-key", type=EXISTING_FILE, default=None, help="TLS private key (PEM).")
+def broker_mosquitto_config(
+    data_dir: Path,
+    out_dir: Path,
+    port: int,
+    host: str,
+    persistence_dir: Path | None,
+    no_persistence: bool,
+    run_as_user: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
+    """Write mosquitto.conf, passwd and acl from the registry.
+
+    Run it again after adding, accepting or decommissioning gateways and send
+    mosquitto SIGHUP: it re-reads the password and ACL files.
+    """
+    from broker.mosquitto import Account, TlsFiles, write_mosquitto_config
     from orchestrator.core import Orchestrator
 
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
     accounts = [Account(u, h, r) for u, h, r in Orchestrator.read_accounts(data_dir)]
-    conf = write_mosquitto_config(out_dir, accounts=accounts, port=port, host=host)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    persistence = None if no_persistence else (persistence_dir or out_dir / "persistence")
+    conf = write_mosquitto_config(
+        out_dir, accounts=accounts, port=port, host=host,
+        tls=TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None,
+        persistence_dir=persistence, run_as_user=run_as_user,
+    )  # fmt: skip
     click.echo(f"{conf} ({len(accounts)} accounts)")
 
 

@@ -250,11 +250,14 @@ def test_shoal_broker_mosquitto_config_writes_what_mosquitto_serves(tmp_path: Pa
         broker_folder(tmp_path) as out,
         configured_mosquitto(data, out, tmp_path / "mosquitto.log") as port,
     ):
-        # Three files, the password file private, and no secret in any of them.
-        assert sorted(p.name for p in out.iterdir()) == ["acl", "mosquitto.conf", "passwd"]
+        # Three files and the persistence folder, the password file private,
+        # and no secret in any of them.
+        files = sorted(p.name for p in out.iterdir() if p.is_file())
+        assert files == ["acl", "mosquitto.conf", "passwd"]
+        assert (out / "persistence").is_dir()
         assert stat.S_IMODE((out / "passwd").stat().st_mode) == 0o600
         secrets = (admin_secret, pending_secret, gone_secret, orchestrator_secret)
-        for path in out.iterdir():
+        for path in (p for p in out.iterdir() if p.is_file()):
             text = path.read_text()
             assert not any(secret in text for secret in secrets), f"a secret in {path.name}"
 
