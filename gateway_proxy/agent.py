@@ -57,6 +57,8 @@ log = logging.getLogger("shoal.gateway")
 
 AGENT_VERSION = "shoal-gateway 0.1"
 FETCH_RETRY_S = 5.0
+#: While a node is being flashed, how often its progress is reported.
+PROGRESS_REPORT_S = 1.0
 STATE_FILE = "agent.cbor"
 #: Final reports repeated after each (re)connect: the newest this many.
 RESENT_FINAL_REPORTS = 32
@@ -389,16 +391,20 @@ class GatewayAgent:
     def _flash_thread(
         self, job: Job, node: NodePort, verified: VerifiedArtifact, image: bytes
     ) -> None:
-        last_state = [""]
+        last: dict[str, Any] = {"state": "", "at": 0.0}
 
         def progress(p: Progress) -> None:
+            # A report on every change of state, and while flashing one a second
+            # with the bytes the node has taken (for progress bars).
             state = RUNNING_STATES.get(p.state)
-            if state and state != last_state[0]:
-                last_state[0] = state
-                with self._lock:
-                    self._news.put(
-                        self._status(job, state, bytes_done=p.acked_bytes, total=len(image))
-                    )
+            if state is None:
+                return
+            now = self._clock()
+            if state == last["state"] and now - last["at"] < PROGRESS_REPORT_S:
+                return
+            last["state"], last["at"] = state, now
+            with self._lock:
+                self._news.put(self._status(job, state, bytes_done=p.acked_bytes, total=len(image)))
 
         try:
             report = self._flash(node, verified, image, progress)

@@ -990,6 +990,79 @@ def broker_mosquitto_config(
     click.echo(f"{conf} ({len(accounts)} accounts)")
 
 
+# --- demo ---------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option("--gateways", default=2, show_default=True, type=click.IntRange(1, 8))
+@click.option(
+    "--nodes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Simulated nodes per gateway.",
+)
+@click.option(
+    "--baud",
+    default=115200,
+    show_default=True,
+    type=click.IntRange(9600, 4_000_000),
+    help="Line rate of every node's (paced) serial link.",
+)
+@click.option(
+    "--image-size",
+    type=click.IntRange(4096, 4 * 1024 * 1024),
+    default=None,
+    help="Use code-like images of this many bytes instead of the example firmware.",
+)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep everything in this folder (default: a temporary one, removed).",
+)
+@click.option(
+    "--flash-timing/--no-flash-timing",
+    default=True,
+    show_default=True,
+    help="Model nRF52840 flash erase and write times on the nodes.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
+def demo_command(
+    gateways: int,
+    nodes: int,
+    baud: int,
+    image_size: int | None,
+    data: Path | None,
+    flash_timing: bool,
+    as_json: bool,
+) -> None:
+    """Run the whole system once: orchestrator, broker, gateways, nodes, a two-phase rollout."""
+    import asyncio
+    import logging
+
+    from shoal.demo import DemoOptions, run_demo, summary_json
+    from shoal.demo_view import DemoView
+
+    logging.basicConfig(level=logging.CRITICAL)
+    options = DemoOptions(
+        gateways=gateways,
+        nodes=nodes,
+        baud=baud,
+        image_size=image_size,
+        data=data,
+        flash_timing=flash_timing,
+    )
+    view = DemoView(enabled=not as_json)
+    with view:
+        report = asyncio.run(run_demo(options, view.update))
+    if as_json:
+        click.echo(summary_json(report))
+    else:
+        view.summary(report)
+    sys.exit(0 if report.ok else 1)
+
+
 # --- bench ------------------------------------------------------------------
 
 
