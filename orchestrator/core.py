@@ -20,6 +20,11 @@ Rules (spec: ``docs/topics.md``; architecture.md §End-to-end, §Security model)
 * Commands go through the outbox (:mod:`orchestrator.outbox`); blocks
   through the block server (:mod:`orchestrator.blocks`), for artifacts a
   running deployment of that gateway names.
+* Rollouts (:mod:`orchestrator.rollouts`) are driven from :meth:`tick`: a
+  status report that ends a node's deployment marks its rollout for the next
+  tick, and every ``rollout_check_s`` all unsettled rollouts are looked at
+  (timeouts, waits, start times). The engine runs before the outbox is
+  drained, so the commands it queues go out in the same tick.
 * A new Orchestrator on the same ``data_dir`` continues where the last one
   stopped: everything but the block queue is in the database, and gateways
   ask again for blocks they lack.
@@ -32,25 +37,30 @@ import hmac
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from orchestrator.audit import AuditLog
 from orchestrator.blocks import MAX_QUEUED_PER_GATEWAY, BlockServer
 from orchestrator.db import DB_FILE, check_sql_int, open_database
-from orchestrator.deployments import Deployments
+from orchestrator.deployments import FINAL, Deployments
 from orchestrator.effects import Effects, Outgoing
+from orchestrator.groups import Groups
 from orchestrator.operators import OperatorApi
 from orchestrator.outbox import Command, Outbox
 from orchestrator.registry import (
     ORCHESTRATOR_USERNAME,
     Gateway,
     GatewayState,
+    OperatorRole,
     Registry,
     parse_node_ids,
     parse_node_reports,
 )
+from orchestrator.rollouts import RolloutEvent, Rollouts
 from orchestrator.store import ARTIFACTS_DIR, ArtifactRecord, ArtifactStore
 from otaio.files import read_bounded, write_atomic
 from otaproto import fleet
@@ -80,6 +90,7 @@ class Orchestrator:
         block_bytes: int = fleet.DEFAULT_BLOCK_BYTES,
         resend_after_s: float = 10.0,
         blocks_per_tick: int = 64,
+        rollout_check_s: float = 1.0,
     ) -> None:
         """Open (or create) ``data_dir/shoal.db`` and ``data_dir/artifacts/``.
 
@@ -88,8 +99,8 @@ class Orchestrator:
         """
         if not 0 < block_bytes <= fleet.MAX_BLOCK_BYTES:
             raise UsageError(f"block_bytes must be 1..{fleet.MAX_BLOCK_BYTES}")
-        if resend_after_s <= 0 or blocks_per_tick <= 0:
-            raise UsageError("resend_after_s and blocks_per_tick must be positive")
+        if resend_after_s <= 0 or blocks_per_tick <= 0 or rollout_check_s <= 0:
+            raise UsageError("resend_after_s, blocks_per_tick and rollout_check_s must be positive")
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -103,6 +114,12 @@ class Orchestrator:
         self._store = ArtifactStore(self._db, data_dir / ARTIFACTS_DIR, trusted, clock, block_bytes)
         self._outbox = Outbox(self._db, clock)
         self._deployments = Deployments(self._db, clock, self._registry, self._store, self._outbox)
+        self._groups = Groups(self._db, clock, self._registry)
+        self._rollouts = Rollouts(
+            self._db, clock, self._registry, self._store, self._deployments, self._groups,
+            rollout_check_s,
+        )  # fmt: skip
+        self._audit = AuditLog(self._db, clock)
         self._blocks = BlockServer()
         #: Blocks sent per (gateway, artifact) since this start: what deploy.status shows.
         self._served: Counter[tuple[str, bytes]] = Counter()
@@ -257,7 +274,9 @@ class Orchestrator:
     def _on_status(self, gateway: Gateway, payload: bytes) -> Effects:
         m = fleet.decode_map(payload, fleet.STATUS, "status")
         _require_accepted(gateway)
-        self._deployments.apply_status(gateway.id, m)
+        node = self._deployments.apply_status(gateway.id, m)
+        if node is not None and node.state in FINAL:
+            self._rollouts.touch(node.deployment)
         self._registry.seen(gateway.id)
         return Effects()
 
@@ -290,13 +309,17 @@ class Orchestrator:
     # -- timers ------------------------------------------------------------------------
 
     def tick(self) -> Effects:
-        """Re-send what is due, then serve queued blocks fairly. Never raises.
+        """Drive rollouts, re-send what is due, then serve queued blocks fairly. Never raises.
 
         Due: unacknowledged commands of accepted, online gateways never sent
         or last sent at least ``resend_after_s`` ago. At most
         ``blocks_per_tick`` blocks, one per gateway in turn.
         """
         effects = Effects()
+        try:
+            self._rollouts.tick()
+        except Exception:
+            log.exception("internal error driving rollouts")
         try:
             with self._db.atomic():
                 due = self._outbox.due(self._clock(), self._resend_after_s)
@@ -401,10 +424,95 @@ class Orchestrator:
             return self._deployments.create(artifact, nodes)
 
     def cancel_deployment(self, deployment_id: str) -> Effects:
-        """Send cancel commands for a deployment's running nodes. Raises InvalidInput."""
+        """Send cancel commands for a deployment's running nodes. Raises InvalidInput,
+        also for the deployment of a rollout (abort the rollout instead)."""
         with self._db.atomic():
+            rollout = self._rollouts.owner(deployment_id)
+            if rollout is not None:
+                raise InvalidInput(
+                    f"deployment {deployment_id} belongs to rollout {rollout}: abort that"
+                )
             self._deployments.cancel(deployment_id)
         return self.flush()
+
+    def deployment_events(self, deployment_id: str, node: str) -> dict[str, Any]:
+        """Every event of one node (``gateway/node``) of a deployment. Raises InvalidInput."""
+        return self._deployments.events(deployment_id, node)
+
+    # -- rollouts, groups, operators, audit -----------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[object]:
+        """One transaction (a savepoint when nested) around several admin calls."""
+        with self._db.atomic():
+            yield self
+
+    def create_rollout(self, args: dict[str, Any], by: str) -> str:
+        """Create (and, unless scheduled, start) a rollout from checked ``rollout.create``
+        args; its id. Its first commands go out with the next tick() or flush().
+        Raises InvalidInput (MalformedError for bad arguments): nothing is stored then."""
+        with self._db.atomic():
+            return self._rollouts.create(args, by)
+
+    def rollout_action(self, rollout_id: str, event: RolloutEvent, by: str) -> Effects:
+        """An operator's pause, resume or abort; the commands it caused. Raises InvalidInput
+        (IllegalRolloutMove when the rollout's state does not allow it)."""
+        with self._db.atomic():
+            self._rollouts.act(rollout_id, event, by)
+        return self.flush()
+
+    def list_rollouts(self, state: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """Rollouts, newest first. Raises InvalidInput for an unknown state."""
+        return self._rollouts.listing(state, limit)
+
+    def show_rollout(self, rollout_id: str, node_limit: int | None = None) -> dict[str, Any]:
+        """A rollout, its phases, nodes and events. Raises InvalidInput for an unknown one."""
+        return self._rollouts.show(rollout_id, node_limit)
+
+    def create_group(self, name: str, nodes: Any, node_filter: Any, by: str) -> dict[str, Any]:
+        """A static (nodes) or dynamic (filter) group. Raises InvalidInput."""
+        with self._db.atomic():
+            return self._groups.create(name, nodes, node_filter, by)
+
+    def list_groups(self) -> dict[str, Any]:
+        """Every group and its definition."""
+        return self._groups.listing()
+
+    def show_group(self, name: str) -> dict[str, Any]:
+        """A group and the nodes it holds now. Raises InvalidInput."""
+        return self._groups.show(name)
+
+    def delete_group(self, name: str) -> dict[str, Any]:
+        """Delete a group no scheduled rollout waits for. Raises InvalidInput."""
+        with self._db.atomic():
+            return self._groups.delete(name)
+
+    def set_attributes(self, device_id: str, attributes: Any) -> dict[str, Any]:
+        """Set or remove attributes of a gateway or ``gateway/node``. Raises InvalidInput."""
+        with self._db.atomic():
+            result = self._registry.set_attributes(device_id, attributes)
+        return {"id": device_id, "attributes": result}
+
+    def operator_role(self, operator_id: str) -> OperatorRole | None:
+        """The operator's role, or None for an unknown operator."""
+        return self._registry.operator_role(operator_id)
+
+    def list_operators(self) -> dict[str, Any]:
+        """Every operator and its role."""
+        return {"operators": self._registry.operators()}
+
+    def record_audit(
+        self, operator: str, role: str | None, op: str, args: Any, error: str | None
+    ) -> None:
+        """One operator request in the audit log (error None: it succeeded)."""
+        with self._db.atomic():
+            self._audit.record(operator, role, op, args, error)
+
+    def list_audit(
+        self, limit: int | None = None, operator: str | None = None, op: str | None = None
+    ) -> dict[str, Any]:
+        """The newest audit entries first."""
+        return self._audit.entries(limit, operator, op)
 
     def deployment_status(self, deployment_id: str) -> dict[str, Any]:
         """A deployment, its per-node states, bytes and events. Raises InvalidInput.

@@ -139,8 +139,83 @@ def _v1_initial(db: Database) -> None:
     db.table("commands").create_index(["acked_at", "gateway", "seq"])
 
 
+def _v2_rollouts(db: Database) -> None:
+    """Rollouts, groups, the audit log; retries, timeouts and attributes on existing tables.
+
+    ``deployment_nodes`` gains ``attempt`` (retries so far: the wire id of a
+    retry is ``{deployment}-r{attempt}``), ``entered`` (when the node entered
+    its current state, for per-state timeouts; rows from before take
+    ``updated``) and ``retryable`` (1 when a final state may be retried).
+    ``nodes`` gains operator-set ``attributes`` (JSON) for dynamic groups.
+    """
+    db.execute("ALTER TABLE deployment_nodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE deployment_nodes ADD COLUMN entered REAL")
+    db.execute("UPDATE deployment_nodes SET entered = updated")
+    db.execute("ALTER TABLE deployment_nodes ADD COLUMN retryable INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE nodes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
+    db.table("groups").create(
+        {"name": str, "nodes": str, "filter": str, "created": float, "created_by": str},
+        pk="name",
+        not_null={"name", "created", "created_by"},
+        strict=True,
+    )
+    db.table("rollouts").create(
+        {
+            "id": str, "state": str, "reason": str, "artifact": str, "target": str,
+            "options": str, "deployment": str, "phase": int, "phase_sizes": str,
+            "phase_started": float, "phase_passed": float, "excluded": str, "created": float,
+            "created_by": str, "start_at": float, "started": float, "ended": float,
+            "settled": float,
+        },
+        pk="id",
+        not_null={"id", "state", "artifact", "target", "options", "phase", "created",
+                  "created_by", "start_at"},
+        defaults={"phase": 0},
+        foreign_keys=[("artifact", "artifacts", "digest"), ("deployment", "deployments", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("rollouts").create_index(["deployment"])
+    db.table("rollouts").create_index(["settled", "start_at"])
+    db.table("rollout_nodes").create(
+        {
+            "rollout": str, "gateway": str, "node": str, "phase": int, "ord": int,
+            "started": float, "excused": int,
+        },
+        pk=("rollout", "gateway", "node"),
+        not_null={"rollout", "gateway", "node", "ord", "excused"},
+        defaults={"excused": 0},
+        foreign_keys=[("rollout", "rollouts", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("rollout_nodes").create_index(["rollout", "phase", "ord"])
+    db.table("rollout_events").create(
+        {
+            "id": int, "rollout": str, "at": float, "event": str, "state": str,
+            "operator": str, "detail": str,
+        },
+        pk="id",
+        not_null={"rollout", "at", "event", "state", "detail"},
+        foreign_keys=[("rollout", "rollouts", "id")],
+        strict=True,
+    )  # fmt: skip
+    db.table("rollout_events").create_index(["rollout", "id"])
+    db.table("audit").create(
+        {
+            "id": int, "at": float, "operator": str, "role": str, "op": str, "args": str,
+            "ok": int, "error": str,
+        },
+        pk="id",
+        not_null={"at", "operator", "op", "args", "ok"},
+        strict=True,
+    )  # fmt: skip
+    db.table("audit").create_index(["operator", "id"])
+
+
 #: Every schema change, in order. Append only.
-MIGRATIONS: tuple[Migration, ...] = ((1, "initial schema", _v1_initial),)
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "initial schema", _v1_initial),
+    (2, "rollouts, groups, audit log, retries and timeouts", _v2_rollouts),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

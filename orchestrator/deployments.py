@@ -31,6 +31,17 @@ Rules (architecture.md §State machines; ``docs/topics.md`` §Gateway messages):
   ``aborted`` back to ``pending``.
 * Every accepted move is a row in ``events`` (deployment, gateway, node, at,
   state, detail JSON), written in the same transaction as the move.
+* ``timed_out`` is the orchestrator's: a rollout's per-state timeout fired
+  (:mod:`orchestrator.rollouts`). A retry (``failed`` or ``timed_out`` ->
+  ``pending``) starts a new *attempt*: the node's status numbering restarts
+  and its commands carry the wire id ``{deployment}-r{attempt}``, so the
+  gateway runs it as a new job, and reports of an earlier attempt (a gateway
+  repeats its final reports after every reconnect) are recognised and
+  ignored instead of moving the new attempt.
+* Whether a final state may be retried is decided when it is reached and
+  stored with it (``retryable``), by :data:`RETRY_RULES`: a node that refused
+  the image or rolled it back would do so again; a lost link, a busy node or
+  a timeout may not happen twice.
 """
 
 from __future__ import annotations
@@ -45,11 +56,12 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from orchestrator import diagrams
 from orchestrator.db import check_sql_int, one
 from orchestrator.outbox import Command, CommandType, Outbox
 from orchestrator.registry import GatewayState, Node, Registry
 from orchestrator.store import ArtifactRecord, ArtifactStore, parse_hex_digest
-from otaproto.errors import InvalidInput, MalformedError
+from otaproto.errors import InvalidInput, MalformedError, UsageError
 from otaproto.topics import ID_PATTERN
 
 log = logging.getLogger("shoal.orchestrator")
@@ -60,6 +72,11 @@ MAX_TARGETS = 10_000
 MAX_PROBLEMS_SHOWN = 5
 #: Most events per node in a status reply (the newest).
 MAX_EVENTS_SHOWN = 20
+#: Most events one ``deploy.events`` reply lists (the newest).
+MAX_EVENTS_LISTED = 500
+#: Most attempts (the first and its retries) a node's deployment may have.
+MAX_ATTEMPTS = 100
+_RETRY_MARK = "-r"
 
 
 class DeploymentState(StrEnum):
@@ -79,6 +96,7 @@ class DeploymentState(StrEnum):
     SKIPPED = "skipped"
     INCOMPATIBLE = "incompatible"
     ABORTED = "aborted"
+    TIMED_OUT = "timed_out"
 
 
 S = DeploymentState
@@ -93,29 +111,48 @@ _ACTIVE_JSON = json.dumps([str(s) for s in ACTIVE])
 
 _DOWNLOAD = frozenset({S.DOWNLOADING, S.DOWNLOADED})  # the gateway fetches and rebuilds
 _INSTALL = frozenset({S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING})  # serial + boot
+_QUEUED = frozenset({S.PENDING, S.OFFERED})  # the orchestrator's, before the gateway reports
 _ENDINGS = frozenset({S.SUCCEEDED, S.FAILED, S.ROLLED_BACK, S.SKIPPED, S.ABORTED})
+_ENDS = _ENDINGS | {S.TIMED_OUT}  # reported by the gateway, or a timeout
 
 #: Allowed moves: state -> the states it may go to next.
 TRANSITIONS: Mapping[DeploymentState, frozenset[DeploymentState]] = {
     # acked, or the gateway's reports overtook a lost ack
-    S.PENDING: frozenset({S.OFFERED}) | _DOWNLOAD | _INSTALL | _ENDINGS,
-    S.OFFERED: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.PENDING: frozenset({S.OFFERED}) | _DOWNLOAD | _INSTALL | _ENDS,
+    S.OFFERED: _DOWNLOAD | _INSTALL | _ENDS,
     # progress repeats a state; a download that failed its digest check starts again
-    S.DOWNLOADING: _DOWNLOAD | _INSTALL | _ENDINGS,
-    S.DOWNLOADED: _DOWNLOAD | _INSTALL | _ENDINGS,
+    S.DOWNLOADING: _DOWNLOAD | _INSTALL | _ENDS,
+    S.DOWNLOADED: _DOWNLOAD | _INSTALL | _ENDS,
     # a restarted gateway resumes from its download; the serial transfer restarts at HELLO
-    S.FLASHING: _DOWNLOAD | _INSTALL | _ENDINGS,
-    S.VERIFYING: _DOWNLOAD | _INSTALL | _ENDINGS,
-    S.REBOOTING: _DOWNLOAD | _INSTALL | _ENDINGS,
-    S.CONFIRMING: _DOWNLOAD | _INSTALL | _ENDINGS,
-    # final; an operator's retry goes back to pending
+    S.FLASHING: _DOWNLOAD | _INSTALL | _ENDS,
+    S.VERIFYING: _DOWNLOAD | _INSTALL | _ENDS,
+    S.REBOOTING: _DOWNLOAD | _INSTALL | _ENDS,
+    S.CONFIRMING: _DOWNLOAD | _INSTALL | _ENDS,
+    # final; a retry (a rollout's, for failed and timed_out) goes back to pending
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset({S.PENDING}),
     S.ROLLED_BACK: frozenset({S.PENDING}),
     S.SKIPPED: frozenset(),
     S.INCOMPATIBLE: frozenset(),
     S.ABORTED: frozenset({S.PENDING}),
+    S.TIMED_OUT: frozenset({S.PENDING}),
 }
+#: States a deployment row may be created in.
+INITIAL: tuple[DeploymentState, ...] = (S.PENDING, S.SKIPPED, S.INCOMPATIBLE)
+#: Final states that count as "on the target" (for a rollout's success threshold).
+SUCCESSFUL = frozenset({S.SUCCEEDED, S.SKIPPED})
+#: Final states that count as failures (for a rollout's failure threshold).
+UNSUCCESSFUL = frozenset({S.FAILED, S.ROLLED_BACK, S.ABORTED, S.TIMED_OUT})
+
+#: Whether a retry may help, by the gateway's final word and how its reason
+#: starts (first match wins; "" matches any reason). Timeouts are always retryable.
+RETRY_RULES: tuple[tuple[str, str, bool], ...] = (
+    ("rejected", "", False),  # the node refused it: signature, device type, rollback, size
+    ("rolled_back", "", False),  # the image failed its self-test: it would again
+    ("failed", "artifact refused by the gateway", False),  # bad signature, digest, device
+    ("failed", "no node ", False),  # that gateway has no such node configured
+    ("failed", "", True),  # link lost, node busy or silent, serial errors: may pass next time
+)
 
 #: The gateway's words in STATUS ``state`` -> the state they move the node to.
 REPORTED: Mapping[str, DeploymentState] = {
@@ -147,6 +184,69 @@ def check_transition(old: DeploymentState, new: DeploymentState, where: str) -> 
     """Refuse a move that :data:`TRANSITIONS` does not list. Raises IllegalTransition."""
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(where, old, new)
+
+
+def is_retryable(reported: str, reason: str | None) -> bool:
+    """Whether a gateway's final report (its word and reason) may be retried (RETRY_RULES)."""
+    for word, prefix, retryable in RETRY_RULES:
+        if reported == word and (reason or "").startswith(prefix):
+            return retryable
+    return False
+
+
+def retry_markdown() -> str:
+    """The retry rules table of ``docs/rollouts.md``, from :data:`RETRY_RULES`."""
+    lines = ["| gateway reports | reason starts with | retried |", "|---|---|---|"]
+    for word, prefix, retryable in RETRY_RULES:
+        lines.append(
+            f"| `{word}` | {f'`{prefix}`' if prefix else 'anything'} | "
+            f"{'yes' if retryable else 'no'} |"
+        )
+    lines.append("| (timeout) | - | yes |")
+    return "\n".join(lines) + "\n"
+
+
+def wire_id(deployment: str, attempt: int) -> str:
+    """The deployment id commands of this attempt carry (the first attempt: the id itself)."""
+    return deployment if attempt == 0 else f"{deployment}{_RETRY_MARK}{attempt}"
+
+
+def split_wire_id(text: str) -> tuple[str, int]:
+    """(deployment, attempt) of an id from a gateway; a non-canonical id is taken as it is."""
+    base, mark, number = text.rpartition(_RETRY_MARK)
+    if mark and number.isdigit() and number.isascii():
+        attempt = int(number[:4])
+        if 0 < attempt < MAX_ATTEMPTS and wire_id(base, attempt) == text:
+            return base, attempt
+    return text, 0
+
+
+#: The boxes the deployment diagram groups states into (see orchestrator.diagrams).
+DIAGRAM_BOXES = (
+    diagrams.Box(
+        "active",
+        boxes=(
+            diagrams.Box("queued", tuple(str(s) for s in ACTIVE if s in _QUEUED)),
+            diagrams.Box("download", tuple(str(s) for s in ACTIVE if s in _DOWNLOAD)),
+            diagrams.Box("install", tuple(str(s) for s in ACTIVE if s in _INSTALL)),
+        ),
+    ),
+)
+#: Who makes the moves into these states (the others are the gateway's reports).
+_DIAGRAM_LABELS = {str(S.OFFERED): "ack", str(S.TIMED_OUT): "timeout", str(S.PENDING): "retry"}
+
+
+def diagram() -> list[diagrams.Drawn]:
+    """The arrows of the deployment diagram, standing for exactly :data:`TRANSITIONS`."""
+    edges = [(str(a), str(b)) for a, targets in TRANSITIONS.items() for b in targets]
+    return diagrams.cover(
+        edges, [str(s) for s in S], DIAGRAM_BOXES, lambda _, b: _DIAGRAM_LABELS.get(b)
+    )
+
+
+def mermaid() -> str:
+    """The deployment state machine as a Mermaid ``stateDiagram-v2`` (for docs/rollouts.md)."""
+    return diagrams.render(diagram(), DIAGRAM_BOXES, [str(s) for s in INITIAL])
 
 
 @dataclass(frozen=True)
@@ -193,16 +293,34 @@ def plan_node(target: ArtifactRecord, node: Node, deltas: list[ArtifactRecord]) 
 
 
 @dataclass(frozen=True)
-class _Row:
+class NodeRow:
+    """One node's deployment as the rollout engine sees it."""
+
     deployment: str
     gateway: str
     node: str
     state: DeploymentState
     status_seq: int
+    attempt: int
+    entered: float
+    retryable: bool
+    reason: str | None
+
+    @property
+    def target(self) -> str:
+        """The ``gateway/node`` name operators use."""
+        return f"{self.gateway}/{self.node}"
 
     @property
     def where(self) -> str:
-        return f"deployment {self.deployment} of {self.gateway}/{self.node}"
+        again = f" (attempt {self.attempt + 1})" if self.attempt else ""
+        return f"deployment {self.deployment} of {self.gateway}/{self.node}{again}"
+
+
+_ROW_COLUMNS = (
+    "deployment, gateway, node, state, status_seq, attempt, COALESCE(entered, updated) AS entered,"
+    " retryable, reason"
+)
 
 
 class Deployments:
@@ -224,12 +342,11 @@ class Deployments:
 
     # -- operators' side -----------------------------------------------------------
 
-    def create(self, artifact: Any, targets: Any) -> str:
-        """Create a deployment of a full artifact to ``gateway/node`` targets; its id.
+    def full_artifact(self, artifact: Any) -> ArtifactRecord:
+        """The full artifact named by its file's or its image's hex SHA-256.
 
-        Queues a deploy command for every pending node (published by the caller
-        after the commit). Raises MalformedError for a bad argument and
-        InvalidInput for anything refused (the whole request is refused).
+        Raises MalformedError for a bad digest and InvalidInput for an unknown
+        artifact or a delta (deltas are chosen per node).
         """
         record = self._store.find_full(parse_hex_digest(artifact, "artifact"))
         if record is None:
@@ -239,6 +356,16 @@ class Deployments:
                 f"artifact {artifact} is a delta: deploy the full artifact "
                 "(deltas are chosen per node)"
             )
+        return record
+
+    def create(self, artifact: Any, targets: Any) -> str:
+        """Create a deployment of a full artifact to ``gateway/node`` targets; its id.
+
+        Queues a deploy command for every pending node (published by the caller
+        after the commit). Raises MalformedError for a bad argument and
+        InvalidInput for anything refused (the whole request is refused).
+        """
+        record = self.full_artifact(artifact)
         if not isinstance(targets, list) or not targets:
             raise MalformedError("nodes", "must be a non-empty list of 'gateway/node'")
         if len(targets) > MAX_TARGETS:
@@ -256,37 +383,58 @@ class Deployments:
             more = len(problems) - MAX_PROBLEMS_SHOWN
             shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
             raise InvalidInput(shown + (f" (and {more} more)" if more > 0 else ""))
-        deployment = "dep-" + secrets.token_hex(8)
-        now = self._clock()
-        self._db.execute(
-            "INSERT INTO deployments (id, artifact, created) VALUES (?, ?, ?)",
-            [deployment, record.hex, now],
-        )
+        deployment = self.open(record)
         for p in plans:
-            self._db.execute(
-                "INSERT INTO deployment_nodes (deployment, gateway, node, state, artifact, full,"
-                " reason, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    deployment, p.gateway, p.node, str(p.state),
-                    None if p.chosen is None else p.chosen.hex,
-                    None if p.full is None else p.full.hex, p.reason, now,
-                ],
-            )  # fmt: skip
-            detail: dict[str, Any] = {"reason": p.reason}
-            if p.chosen is not None:
-                detail["artifact"] = p.chosen.hex
-                detail["kind"] = str(p.chosen.payload_kind)
-                command = self._outbox.enqueue(
-                    p.gateway, CommandType.DEPLOY, deployment, p.node,
-                    artifact=p.chosen.ref(), full=None if p.full is None else p.full.ref(),
-                )  # fmt: skip
-                detail["command"] = command.seq
-            self._event(deployment, p.gateway, p.node, p.state, detail)
+            self.add(deployment, p)
         log.info(
             "deployment %s of %s %s created for %d nodes",
             deployment, record.name, record.version, len(plans),
         )  # fmt: skip
         return deployment
+
+    def open(self, record: ArtifactRecord) -> str:
+        """A new deployment of ``record`` with no nodes yet (a rollout adds them phase by phase)."""
+        deployment = "dep-" + secrets.token_hex(8)
+        self._db.execute(
+            "INSERT INTO deployments (id, artifact, created) VALUES (?, ?, ?)",
+            [deployment, record.hex, self._clock()],
+        )
+        return deployment
+
+    def add(self, deployment: str, p: Plan) -> None:
+        """Add one planned node to a deployment; a pending one gets its deploy command queued.
+
+        The caller checked that the node has no other deployment running.
+        """
+        now = self._clock()
+        self._db.execute(
+            "INSERT INTO deployment_nodes (deployment, gateway, node, state, artifact, full,"
+            " reason, updated, entered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                deployment, p.gateway, p.node, str(p.state),
+                None if p.chosen is None else p.chosen.hex,
+                None if p.full is None else p.full.hex, p.reason, now, now,
+            ],
+        )  # fmt: skip
+        detail: dict[str, Any] = {"reason": p.reason}
+        if p.chosen is not None:
+            detail.update(self._deploy_command(deployment, 0, p))
+        self._event(deployment, p.gateway, p.node, p.state, detail)
+
+    def plan(self, record: ArtifactRecord, node: Node) -> Plan:
+        """:func:`plan_node` with the stored deltas to ``record``'s image. Raises InvalidInput."""
+        return plan_node(record, node, self._store.deltas_to(record.image_digest))
+
+    def _deploy_command(self, deployment: str, attempt: int, p: Plan) -> dict[str, Any]:
+        if p.chosen is None:
+            raise UsageError(f"no artifact chosen for {p.gateway}/{p.node}")
+        command = self._outbox.enqueue(
+            p.gateway, CommandType.DEPLOY, wire_id(deployment, attempt), p.node,
+            artifact=p.chosen.ref(), full=None if p.full is None else p.full.ref(),
+        )  # fmt: skip
+        return {
+            "artifact": p.chosen.hex, "kind": str(p.chosen.payload_kind), "command": command.seq,
+        }  # fmt: skip
 
     def _plan(
         self, record: ArtifactRecord, target: Any, seen: set[str], deltas: list[ArtifactRecord]
@@ -329,14 +477,21 @@ class Deployments:
         )
         commands: list[Command] = []
         for r in self._active_rows(deployment=deployment):
-            gateway = self._registry.gateway(r.gateway)
-            if gateway is None or gateway.state is not GatewayState.ACCEPTED:
-                continue
-            command = self._outbox.enqueue(r.gateway, CommandType.CANCEL, deployment, r.node)
-            self._event(deployment, r.gateway, r.node, r.state, {"cancel": command.seq})
-            commands.append(command)
+            command = self._cancel_command(r)
+            if command is not None:
+                self._event(deployment, r.gateway, r.node, r.state, {"cancel": command.seq})
+                commands.append(command)
         log.info("deployment %s cancelled: %d cancel commands", deployment, len(commands))
         return commands
+
+    def _cancel_command(self, r: NodeRow) -> Command | None:
+        """Queue a cancel of the node's current attempt, when its gateway can still get one."""
+        gateway = self._registry.gateway(r.gateway)
+        if gateway is None or gateway.state is not GatewayState.ACCEPTED:
+            return None
+        return self._outbox.enqueue(
+            r.gateway, CommandType.CANCEL, wire_id(r.deployment, r.attempt), r.node
+        )
 
     def status(self, deployment: str) -> dict[str, Any]:
         """A deployment and each node's state, bytes and newest events. Raises InvalidInput."""
@@ -351,23 +506,14 @@ class Deployments:
             [deployment],
         ):
             counts[n["state"]] = counts.get(n["state"], 0) + 1
-            events = list(
-                self._db.query(
-                    "SELECT at, state, detail FROM events WHERE deployment = ? AND gateway = ?"
-                    " AND node = ? ORDER BY id DESC LIMIT ?",
-                    [deployment, n["gateway"], n["node"], MAX_EVENTS_SHOWN],
-                )
-            )
+            events = self._events(deployment, n["gateway"], n["node"], MAX_EVENTS_SHOWN)
             nodes.append({
                 "gateway": n["gateway"], "node": n["node"],
                 "target": f"{n['gateway']}/{n['node']}", "state": n["state"],
                 "artifact": n["artifact"], "full": n["full"], "bytes": n["bytes"],
                 "total": n["total"], "mqtt_bytes": n["mqtt_bytes"],
                 "serial_bytes": n["serial_bytes"], "reason": n["reason"], "updated": n["updated"],
-                "events": [
-                    {"at": e["at"], "state": e["state"], "detail": json.loads(e["detail"])}
-                    for e in reversed(events)
-                ],
+                "attempt": n["attempt"], "events": events,
             })  # fmt: skip
         active = any(DeploymentState(n["state"]) in ACTIVE for n in nodes)
         return {
@@ -377,6 +523,36 @@ class Deployments:
             "created": row["created"], "cancelled": row["cancelled"],
             "state": "active" if active else "finished", "counts": counts, "nodes": nodes,
         }  # fmt: skip
+
+    def events(self, deployment: str, target: str) -> dict[str, Any]:
+        """Every event (the newest MAX_EVENTS_LISTED) of one node of a deployment.
+
+        Raises InvalidInput for an unknown deployment or a node not in it.
+        """
+        if one(self._db, "SELECT 1 FROM deployments WHERE id = ?", [deployment]) is None:
+            raise InvalidInput(f"unknown deployment {deployment[:64]!r}")
+        gateway, _, node = target.partition("/")
+        row = self._row(deployment, gateway, node)
+        if row is None:
+            raise InvalidInput(f"node {target[:140]!r} is not in deployment {deployment}")
+        return {
+            "deployment": deployment, "target": row.target, "state": str(row.state),
+            "attempt": row.attempt,
+            "events": self._events(deployment, gateway, node, MAX_EVENTS_LISTED),
+        }  # fmt: skip
+
+    def _events(self, deployment: str, gateway: str, node: str, limit: int) -> list[dict[str, Any]]:
+        rows = list(
+            self._db.query(
+                "SELECT at, state, detail FROM events WHERE deployment = ? AND gateway = ?"
+                " AND node = ? ORDER BY id DESC LIMIT ?",
+                [deployment, gateway, node, limit],
+            )
+        )
+        return [
+            {"at": e["at"], "state": e["state"], "detail": json.loads(e["detail"])}
+            for e in reversed(rows)
+        ]
 
     def of_node(self, gateway: str, node: str) -> list[dict[str, Any]]:
         """The deployments a node was part of, newest first (for ``devices.show``)."""
@@ -392,21 +568,94 @@ class Deployments:
             for r in rows
         ]  # fmt: skip
 
+    # -- the rollout engine's side -----------------------------------------------------
+
+    def node_rows(self, deployment: str) -> list[NodeRow]:
+        """Every node of a deployment, by gateway and node."""
+        rows = self._db.query(
+            f"SELECT {_ROW_COLUMNS} FROM deployment_nodes WHERE deployment = ?"  # noqa: S608
+            " ORDER BY gateway, node",
+            [deployment],
+        )
+        return [_as_row(r) for r in rows]
+
+    def time_out(self, row: NodeRow, reason: str) -> None:
+        """End a node's attempt that stayed too long in one state: ``timed_out``, retryable.
+
+        A cancel of the attempt is queued, so a gateway that still has the job
+        drops it (unless it is flashing: a flash is never cut short). Raises
+        IllegalTransition for a node that is not active.
+        """
+        command = self._cancel_command(row)
+        detail: dict[str, Any] = {"reason": reason, "attempt": row.attempt or None}
+        if command is not None:
+            detail["cancel"] = command.seq
+        self._move(row, S.TIMED_OUT, detail, reason=reason, retryable=True)
+
+    def retry(self, row: NodeRow, record: ArtifactRecord) -> None:
+        """Start the next attempt of a ``failed`` or ``timed_out`` node: ``pending`` again.
+
+        The artifact is chosen again for the image the node runs now; a node
+        that meanwhile runs the target ends ``skipped`` at once. Raises
+        IllegalTransition when the node is in no retryable state.
+        """
+        check_transition(row.state, S.PENDING, row.where)
+        attempt = row.attempt + 1
+        node = self._registry.node(row.gateway, row.node)
+        plan = Plan(row.gateway, row.node, S.PENDING, record, None, None)
+        if node is not None and node.device_type is not None:
+            replanned = self.plan(record, node)
+            if replanned.state is not S.INCOMPATIBLE:  # else: send it anyway; the node decides
+                plan = replanned
+        self._db.execute(
+            "UPDATE deployment_nodes SET state = ?, attempt = ?, status_seq = 0, bytes = NULL,"
+            " total = NULL, mqtt_bytes = NULL, serial_bytes = NULL, retryable = 0, reason = NULL,"
+            " artifact = ?, full = ?, updated = ?, entered = ?"
+            " WHERE deployment = ? AND gateway = ? AND node = ?",
+            [
+                str(S.PENDING), attempt, None if plan.chosen is None else plan.chosen.hex,
+                None if plan.full is None else plan.full.hex, self._clock(), self._clock(),
+                row.deployment, row.gateway, row.node,
+            ],
+        )  # fmt: skip
+        detail: dict[str, Any] = {"attempt": attempt, "retry_of": str(row.state)}
+        if plan.state is S.PENDING and plan.chosen is not None:
+            detail.update(self._deploy_command(row.deployment, attempt, plan))
+        self._event(row.deployment, row.gateway, row.node, S.PENDING, detail)
+        log.info("%s: %s -> pending (attempt %d)", row.where, row.state, attempt + 1)
+        if plan.state is S.SKIPPED:
+            moved = NodeRow(
+                row.deployment, row.gateway, row.node, S.PENDING, 0, attempt, self._clock(),
+                False, None,
+            )  # fmt: skip
+            self._move(moved, S.SKIPPED, {"reason": plan.reason}, reason=plan.reason)
+
+    def abort_unstarted(self, deployment: str, plan: Plan, reason: str) -> None:
+        """Record a node that cannot start at all (its gateway is gone): pending, then aborted."""
+        self.add(deployment, Plan(plan.gateway, plan.node, S.PENDING, None, None, None))
+        row = self._row(deployment, plan.gateway, plan.node)
+        if row is None:  # pragma: no cover - inserted just above
+            raise UsageError(f"{plan.gateway}/{plan.node} vanished inside its own transaction")
+        self._move(row, S.ABORTED, {"reason": reason}, reason=reason)
+
     # -- gateways' side --------------------------------------------------------------
 
-    def apply_status(self, gateway: str, m: Mapping[str, Any]) -> bool:
-        """Apply one checked STATUS map from ``gateway``; False when ignored as a replay.
+    def apply_status(self, gateway: str, m: Mapping[str, Any]) -> NodeRow | None:
+        """Apply one checked STATUS map from ``gateway``; the node as it is now, or None.
 
-        Raises InvalidInput for an unknown deployment, a node that is not this
-        gateway's in it, an unknown state word, and (IllegalTransition) a move
+        None when the report was ignored: a replay, overtaken, a repeated final
+        state, or a report of an earlier attempt. Raises InvalidInput for an
+        unknown deployment, a node that is not this gateway's in it, an
+        unknown attempt, an unknown state word, and (IllegalTransition) a move
         the table refuses.
         """
-        row = self._row(m["deployment"], gateway, m["node"])
+        deployment, attempt = split_wire_id(m["deployment"])
+        row = self._row(deployment, gateway, m["node"])
         if row is None:
-            if one(self._db, "SELECT 1 FROM deployments WHERE id = ?", [m["deployment"]]):
+            if one(self._db, "SELECT 1 FROM deployments WHERE id = ?", [deployment]):
                 raise InvalidInput(
                     f"node {m['node'][:64]!r} of gateway {gateway} "
-                    f"is not in deployment {m['deployment']}"
+                    f"is not in deployment {deployment}"
                 )
             raise InvalidInput(f"unknown deployment {m['deployment'][:64]!r}")
         new = REPORTED.get(m["state"])
@@ -417,43 +666,64 @@ class Deployments:
                 check_sql_int(m[key], f"status.{key}")
         if m["bytes"] is not None and m["total"] is not None and m["bytes"] > m["total"]:
             raise MalformedError("status.bytes", "more than total")
+        if attempt < row.attempt:
+            log.info(
+                "ignoring status %s of attempt %d of %s: superseded by a retry",
+                m["state"][:32], attempt + 1, row.where,
+            )  # fmt: skip
+            return None
+        if attempt > row.attempt:
+            raise InvalidInput(f"{row.where} has no attempt {attempt + 1}")
         if m["seq"] <= row.status_seq:
             log.info(
                 "ignoring status %d (%s) of %s: already at status %d",
                 m["seq"], m["state"], row.where, row.status_seq,
             )  # fmt: skip
-            return False
+            return None
         if new is row.state and new in FINAL:
             log.info("ignoring a repeated %s of %s", new, row.where)
-            return False
+            return None
         check_transition(row.state, new, row.where)
         reason = m["reason"]
         if reason is None and m["state"] in ("rejected", "already_installed"):
             reason = m["state"].replace("_", " ")
+        retryable = new in FINAL and is_retryable(m["state"], m["reason"])
+        now = self._clock()
+        entered = row.entered if new is row.state else now
         self._db.execute(
             "UPDATE deployment_nodes SET state = ?, status_seq = ?, bytes = ?, total = ?,"
             " mqtt_bytes = COALESCE(?, mqtt_bytes), serial_bytes = COALESCE(?, serial_bytes),"
-            " reason = ?, updated = ? WHERE deployment = ? AND gateway = ? AND node = ?",
+            " reason = ?, updated = ?, entered = ?, retryable = ?"
+            " WHERE deployment = ? AND gateway = ? AND node = ?",
             [
                 str(new), m["seq"], m["bytes"], m["total"], m["mqtt_bytes"], m["serial_bytes"],
-                reason, self._clock(), row.deployment, gateway, row.node,
+                reason, now, entered, int(retryable), row.deployment, gateway, row.node,
             ],
         )  # fmt: skip
         detail = {k: m[k] for k in ("seq", "bytes", "total", "mqtt_bytes", "serial_bytes")}
         detail["reason"] = reason
         if m["state"] != new:
             detail["reported"] = m["state"]
+        if row.attempt:
+            detail["attempt"] = row.attempt
         self._event(row.deployment, gateway, row.node, new, detail)
         if new is not row.state:
             log.info("%s: %s -> %s", row.where, row.state, new)
-        return True
+        return NodeRow(
+            row.deployment, gateway, row.node, new, m["seq"], row.attempt, entered, retryable,
+            reason,
+        )  # fmt: skip
 
     def acked(self, command: Command) -> None:
-        """A deploy command was acknowledged: its node moves from pending to offered."""
+        """A deploy command was acknowledged: its node moves from pending to offered.
+
+        An acknowledgement of an earlier attempt's command changes nothing.
+        """
         if command.type is not CommandType.DEPLOY:
             return
-        row = self._row(command.deployment, command.gateway, command.node)
-        if row is None or row.state is not S.PENDING:
+        deployment, attempt = split_wire_id(command.deployment)
+        row = self._row(deployment, command.gateway, command.node)
+        if row is None or row.state is not S.PENDING or row.attempt != attempt:
             return
         self._move(row, S.OFFERED, {"command": command.seq})
 
@@ -479,10 +749,10 @@ class Deployments:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _row(self, deployment: str, gateway: str, node: str) -> _Row | None:
+    def _row(self, deployment: str, gateway: str, node: str) -> NodeRow | None:
         row = one(
             self._db,
-            "SELECT deployment, gateway, node, state, status_seq FROM deployment_nodes"
+            f"SELECT {_ROW_COLUMNS} FROM deployment_nodes"  # noqa: S608
             " WHERE deployment = ? AND gateway = ? AND node = ?",
             [deployment, gateway, node],
         )
@@ -490,10 +760,10 @@ class Deployments:
 
     def _active_rows(
         self, *, deployment: str | None = None, gateway: str | None = None, node: str | None = None
-    ) -> list[_Row]:
+    ) -> list[NodeRow]:
         """The running node deployments that match every filter given."""
         rows = self._db.query(
-            "SELECT deployment, gateway, node, state, status_seq FROM deployment_nodes"
+            f"SELECT {_ROW_COLUMNS} FROM deployment_nodes"  # noqa: S608
             " WHERE (:d IS NULL OR deployment = :d) AND (:g IS NULL OR gateway = :g)"
             " AND (:n IS NULL OR node = :n) AND state IN (SELECT value FROM json_each(:active))"
             " ORDER BY deployment, gateway, node",
@@ -503,18 +773,23 @@ class Deployments:
 
     def _move(
         self,
-        row: _Row,
+        row: NodeRow,
         new: DeploymentState,
         detail: dict[str, Any],
         *,
         reason: str | None = None,
+        retryable: bool = False,
     ) -> None:
         check_transition(row.state, new, row.where)
+        now = self._clock()
         self._db.execute(
-            "UPDATE deployment_nodes SET state = ?, reason = COALESCE(?, reason), updated = ?"
-            " WHERE deployment = ? AND gateway = ? AND node = ?",
-            [str(new), reason, self._clock(), row.deployment, row.gateway, row.node],
-        )
+            "UPDATE deployment_nodes SET state = ?, reason = COALESCE(?, reason), updated = ?,"
+            " entered = ?, retryable = ? WHERE deployment = ? AND gateway = ? AND node = ?",
+            [
+                str(new), reason, now, now, int(retryable), row.deployment, row.gateway,
+                row.node,
+            ],
+        )  # fmt: skip
         self._event(row.deployment, row.gateway, row.node, new, detail)
         log.info("%s: %s -> %s", row.where, row.state, new)
 
@@ -530,8 +805,8 @@ class Deployments:
         )
 
 
-def _as_row(row: dict[str, Any]) -> _Row:
-    return _Row(
+def _as_row(row: dict[str, Any]) -> NodeRow:
+    return NodeRow(
         row["deployment"], row["gateway"], row["node"], DeploymentState(row["state"]),
-        row["status_seq"],
+        row["status_seq"], row["attempt"], row["entered"], bool(row["retryable"]), row["reason"],
     )  # fmt: skip

@@ -19,6 +19,12 @@ Rules (spec: ``docs/topics.md``; architecture.md §Security model):
   it updates those and leaves the others alone. A report that carries only
   ``error`` (the node did not answer) keeps the last known device type and
   image and records the error.
+* Attributes are free-form text labels (``site=berlin``) on gateways and
+  nodes, set by operators, for dynamic groups (:mod:`orchestrator.groups`);
+  a node's attributes are its gateway's with its own on top. ``agent`` is
+  the gateway's own (from its HELLO) and cannot be set by an operator.
+* Operators have a role (:class:`OperatorRole`), checked by the operator API
+  on every request (:mod:`orchestrator.operators`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -64,11 +70,19 @@ GATEWAY_TRANSITIONS: Mapping[GatewayState, frozenset[GatewayState]] = {
 
 
 class OperatorRole(StrEnum):
-    """What an operator may do (enforced by the operator API in a later issue)."""
+    """What an operator may do; each role may do everything the ones before it may."""
 
-    VIEWER = "viewer"
-    DEPLOYER = "deployer"
-    ADMIN = "admin"
+    VIEWER = "viewer"  #: read-only: list, show, status, events, audit
+    DEPLOYER = "deployer"  #: + artifacts, deployments, rollouts, groups, attributes
+    ADMIN = "admin"  #: + gateways (add, accept, decommission) and operators
+
+
+#: The order of the roles: a role may do what any role of lower rank may.
+ROLE_RANK: Mapping[OperatorRole, int] = {role: rank for rank, role in enumerate(OperatorRole)}
+#: Most attributes one gateway or node may carry.
+MAX_ATTRIBUTES = 32
+#: Attributes only the gateway itself sets.
+RESERVED_ATTRIBUTES = frozenset({"agent"})
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,9 @@ class Gateway:
             "id": self.id, "state": str(self.state), "online": self.online,
             "created": self.created, "last_seen": self.last_seen,
             "agent": self.attributes.get("agent"),
+            "attributes": {
+                k: v for k, v in self.attributes.items() if k not in RESERVED_ATTRIBUTES
+            },
         }  # fmt: skip
 
 
@@ -125,6 +142,7 @@ class Node:
     primary: Slot | None
     error: str | None
     last_seen: float
+    attributes: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
@@ -138,6 +156,7 @@ class Node:
             "gateway": self.gateway, "node": self.node, "target": self.target,
             "present": self.present, "device_type": self.device_type,
             "boot_state": self.boot_state, "error": self.error, "last_seen": self.last_seen,
+            "attributes": self.attributes,
             "primary": None if p is None else {
                 "version": p.version, "sequence": p.sequence, "digest": p.digest.hex(),
                 "size": p.size,
@@ -314,6 +333,56 @@ class Registry:
             )
         ]
 
+    def set_attributes(self, device_id: str, changes: Any) -> dict[str, str]:
+        """Set (text) or remove (None) attributes of a gateway or ``gateway/node``; the result.
+
+        Raises MalformedError for a bad key, value or count and InvalidInput
+        for an unknown device or a reserved key.
+        """
+        if not isinstance(changes, dict) or not changes:
+            raise MalformedError("attributes", "must be a non-empty map of name -> text or null")
+        for key, value in changes.items():
+            check_id(key, "attribute name")
+            if key in RESERVED_ATTRIBUTES:
+                raise InvalidInput(f"attribute {key!r} is the gateway's own (from its HELLO)")
+            if value is not None and not (isinstance(value, str) and 0 < len(value) <= 256):
+                raise MalformedError(f"attributes.{key}", "must be 1-256 characters, or null")
+        gateway_id, _, node_id = device_id.partition("/")
+        gateway = self.require_gateway(gateway_id)
+        if node_id:
+            node = self.node(gateway_id, node_id)
+            if node is None:
+                raise InvalidInput(f"unknown node {device_id[:140]!r}")
+            current = dict(node.attributes)
+        else:
+            current = {k: v for k, v in gateway.attributes.items() if k not in RESERVED_ATTRIBUTES}
+        for key, value in changes.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        if len(current) > MAX_ATTRIBUTES:
+            raise MalformedError("attributes", f"{len(current)} attributes, over {MAX_ATTRIBUTES}")
+        text = json.dumps(current, sort_keys=True)
+        if node_id:
+            self._db.execute(
+                "UPDATE nodes SET attributes = ? WHERE gateway = ? AND node = ?",
+                [text, gateway_id, node_id],
+            )
+        else:
+            kept = {k: v for k, v in gateway.attributes.items() if k in RESERVED_ATTRIBUTES}
+            self._db.execute(
+                "UPDATE gateways SET attributes = ? WHERE id = ?",
+                [json.dumps({**current, **kept}, sort_keys=True), gateway_id],
+            )
+        return current
+
+    def all_nodes(self) -> list[tuple[Gateway, Node]]:
+        """Every node of every gateway, with its gateway, by gateway and node."""
+        gateways = {g.id: g for g in self.gateways()}
+        rows = self._db.query("SELECT * FROM nodes ORDER BY gateway, node")
+        return [(gateways[r["gateway"]], _node(r)) for r in rows]
+
     # -- operators ---------------------------------------------------------------
 
     def add_operator(self, operator_id: str, role: str) -> str:
@@ -335,6 +404,11 @@ class Registry:
         )
         log.info("operator %s added (%s)", operator_id, checked)
         return token
+
+    def operators(self) -> list[dict[str, Any]]:
+        """Every operator with its role (never its secret), by id."""
+        rows = self._db.query("SELECT id, role, created FROM operators ORDER BY id")
+        return [{"id": r["id"], "role": r["role"], "created": r["created"]} for r in rows]
 
     def operator_role(self, operator_id: str) -> OperatorRole | None:
         """The operator's role, or None for an unknown operator."""
@@ -407,4 +481,5 @@ def _node(row: dict[str, Any]) -> Node:
         gateway=row["gateway"], node=row["node"], present=bool(row["present"]),
         device_type=row["device_type"], boot_state=row["boot_state"], primary=primary,
         error=row["error"], last_seen=row["last_seen"],
+        attributes=json.loads(row.get("attributes") or "{}"),
     )  # fmt: skip

@@ -1104,5 +1104,16 @@ def bench_serial(image_kib: int, only: str | None, as_json: bool) -> None:
     run(image_kib=image_kib, only=only, as_json=as_json)
 
 
+def _register_rollouts() -> None:
+    """Rollouts, groups and the audit log live in :mod:`shoal.cli_rollouts`."""
+    from shoal.cli_rollouts import audit, groups, rollout
+
+    for command in (rollout, groups, audit):
+        main.add_command(command)
+
+
+_register_rollouts()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
