@@ -115,7 +115,11 @@ class Accounts(Protocol):
     """Who may connect: the registry, as the broker sees it."""
 
     def authenticate(self, username: str, password: str) -> Role | None:
-        """The role of a valid ``username``/``password`` pair; None refuses the connection."""
+        """The role of a valid ``username``/``password`` pair; None refuses the connection.
+
+        An operator's role is its own (viewer, deployer, admin): it decides the
+        request channels the session may publish on, fixed for the session.
+        """
         ...
 
 

@@ -25,7 +25,12 @@ Rules:
     checks an account's own lines (denials first) before any pattern, so an
     operator can never use the gateway patterns, not even for a gateway id
     equal to its own name (usernames are one namespace: the password file).
-    Then its request topic (write) and its response topic (read).
+    Then the request channels of its role, write only (``channels_of``: a
+    viewer ``req``; a deployer ``req`` and ``write``; an admin ``req``,
+    ``write`` and ``admin``), and its response topic (read). A request on a
+    channel its role lacks matches no line and is dropped: it never reaches
+    the orchestrator. A role change takes effect when the file is written
+    again and mosquitto reloads it (SIGHUP), like any other account change.
   - Orchestrator accounts get ``shoal/v1/#`` read and write, minus the bare
     ``shoal/v1`` topic that ``may_publish`` does not allow either.
 * What mosquitto 2.0's ACL file cannot say: it does not check SUBSCRIBE at
@@ -56,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otaproto.errors import MalformedError, UsageError
-from otaproto.topics import ROOT, Down, Role, Up, check_id
+from otaproto.topics import OPERATOR_ROLES, ROOT, Channel, Down, Role, Up, channels_of, check_id
 
 CONFIG_NAME = "mosquitto.conf"
 PASSWORD_FILE_NAME = "passwd"  # noqa: S105 (a file name, not a password)
@@ -202,13 +207,15 @@ def acl_text(accounts: Sequence[Account]) -> str:
                 f"topic deny {ROOT}",
                 f"topic readwrite {ROOT}/#",
             ]
-        elif account.role is Role.OPERATOR:
+        elif account.role in OPERATOR_ROLES:
+            allowed = channels_of(account.role)
             lines += [
                 "",
-                f"# operator {name}: the deny line keeps the gateway patterns away from it",
+                f"# operator {name}, role {account.role}: the deny line keeps the gateway"
+                " patterns away from it",
                 f"user {name}",
                 f"topic deny {ROOT}/gw/#",
-                f"topic write {ROOT}/ops/{name}/req",
+                *(f"topic write {ROOT}/ops/{name}/{c}" for c in Channel if c in allowed),
                 f"topic read {ROOT}/ops/{name}/resp",
             ]
     return "\n".join(lines) + "\n"

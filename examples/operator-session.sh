@@ -4,11 +4,13 @@
 #   SHOAL_HOST=broker.example.net SHOAL_PORT=1883 SHOAL_USER=alice SHOAL_PASSWORD=... \
 #       examples/operator-session.sh GATEWAY [DEPLOYMENT]
 #
-# Four requests to the orchestrator's operator API (docs/topics.md, "Operator API"):
-#   1. devices.list    every gateway, its state and its nodes
-#   2. devices.show    GATEWAY in detail
-#   3. devices.accept  GATEWAY, which must be pending (added with `shoal devices add GATEWAY`)
-#   4. deploy.status   DEPLOYMENT (skipped when none is given)
+# Four requests to the orchestrator's operator API (docs/topics.md, "Operator API"), each on
+# its op's request channel (read ops on .../req, admin ops on .../admin):
+#   1. devices.list    (req)    every gateway, its state and its nodes
+#   2. devices.show    (req)    GATEWAY in detail
+#   3. devices.accept  (admin)  GATEWAY, which must be pending (added with `shoal devices add
+#                               GATEWAY`); the account must be an admin
+#   4. deploy.status   (req)    DEPLOYMENT (skipped when none is given)
 # Each reply is printed as the orchestrator sent it: a "# op" line, then one line of JSON.
 # The script stops with exit status 1 at the first refusal (`"ok": false`) or missing reply.
 #
@@ -52,9 +54,12 @@ check_id "gateway" "$gateway"
 connection=(-h "$host" -p "$port" -u "$user" -P "$password")
 [ -z "${SHOAL_CAFILE:-}" ] || connection+=(--cafile "$SHOAL_CAFILE")
 
-# The operator's two topics: requests go to .../req, the orchestrator answers on .../resp.
-# The broker lets this account publish to the first and read the second, and nothing else.
-request_topic="shoal/v1/ops/$user/req"
+# The operator's topics: requests go to one of three channels, shoal/v1/ops/$user/CHANNEL,
+# by the least role the op needs: req (viewer: read-only ops), write (deployer), admin (admin).
+# The orchestrator answers on .../resp. The broker lets this account read .../resp and publish
+# on the channels of its role, and nothing else: a request on another channel is dropped by
+# the broker without a reply, and one on the wrong channel for its op is refused by the
+# orchestrator ("devices.accept must be sent on shoal/v1/ops/alice/admin, ...").
 reply_topic="shoal/v1/ops/$user/resp"
 
 # One reader for the whole session: mosquitto_sub, subscribed to our reply topic with QoS 1,
@@ -92,11 +97,13 @@ next_line() {
 session="$user-$$-$RANDOM"
 sequence=0
 
-# request OP [ARGS_JSON] [REPEAT]: send one request, print its reply, stop unless "ok": true.
-# With REPEAT the request is sent again every second until its reply comes: for the first
-# request only, which must be one that changes nothing (see below).
+# request CHANNEL OP [ARGS_JSON] [REPEAT]: send one request on shoal/v1/ops/$user/CHANNEL,
+# print its reply, stop unless "ok": true. With REPEAT the request is sent again every second
+# until its reply comes: for the first request only, which must be one that changes nothing
+# (see below).
 request() {
-    local op=$1 args=${2:-} repeat=${3:-}
+    local channel=$1 op=$2 args=${3:-} repeat=${4:-}
+    local request_topic="shoal/v1/ops/$user/$channel"
     sequence=$((sequence + 1))
     # The request id comes back in the reply: it tells our reply from any other on the topic
     # (a reply to an earlier repeat, or to another session of the same operator).
@@ -107,7 +114,11 @@ request() {
     mosquitto_pub "${connection[@]}" -q 1 -t "$request_topic" -m "$body"
     while [ -z "$reply" ]; do
         wait=$((deadline - SECONDS))
-        [ "$wait" -gt 0 ] || fail "no reply to $op (request $id) within 10 s"
+        if [ "$wait" -le 0 ]; then
+            [ "$channel" = req ] || echo "operator-session: the broker drops requests on" \
+                "$request_topic unless $user's role may use $op" >&2
+            fail "no reply to $op (request $id) within 10 s"
+        fi
         if [ -n "$repeat" ] && [ "$wait" -gt 1 ]; then wait=1; fi
         status=0
         next_line "$wait" || status=$?
@@ -133,15 +144,16 @@ request() {
 #    sent too early would pass unseen. This request changes nothing, so it is simply repeated
 #    until its reply arrives; from then on the reader is known to be listening, and each
 #    later request is sent once. (No pause of a guessed length anywhere.)
-request devices.list "" repeat
+request req devices.list "" repeat
 
 # 2. One gateway: its nodes, what each runs, their deployments, commands not yet acknowledged.
-request devices.show "{\"id\": \"$gateway\"}"
+request req devices.show "{\"id\": \"$gateway\"}"
 
 # 3. Accept it: from now on it may be sent work (a pending gateway may only report).
-request devices.accept "{\"id\": \"$gateway\"}"
+#    An admin op, so it goes on the admin channel.
+request admin devices.accept "{\"id\": \"$gateway\"}"
 
 # 4. A deployment: each node's state, bytes over MQTT and serial, and its latest events.
 if [ -n "$deployment" ]; then
-    request deploy.status "{\"id\": \"$deployment\"}"
+    request req deploy.status "{\"id\": \"$deployment\"}"
 fi

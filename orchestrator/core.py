@@ -3,7 +3,9 @@
 Rules (spec: ``docs/topics.md``; architecture.md §End-to-end, §Security model):
 
 * No MQTT here. The service around it feeds :meth:`Orchestrator.handle` each
-  message from ``shoal/v1/gw/+/up/#`` and ``shoal/v1/ops/+/req``, calls
+  message from ``shoal/v1/gw/+/up/#`` and the operators' request channels
+  ``shoal/v1/ops/+/{req,write,admin}`` (the channel goes to the operator API,
+  which refuses an op sent on the wrong one), calls
   :meth:`Orchestrator.tick` on a timer, asks :meth:`Orchestrator.authenticate`
   on every CONNECT, and carries out the returned :class:`Effects` in order.
 * Each message is handled in one database transaction; its effects are
@@ -67,7 +69,7 @@ from otaproto import fleet
 from otaproto.credentials import hash_secret, new_token
 from otaproto.errors import InvalidInput, MalformedError, UsageError
 from otaproto.keys import TrustedKeys
-from otaproto.topics import ID_PATTERN, ROOT, Down, Role, Up, gateway_down
+from otaproto.topics import ID_PATTERN, ROOT, Channel, Down, Role, Up, gateway_down
 
 __all__ = ["Effects", "Orchestrator", "Outgoing"]
 
@@ -76,6 +78,8 @@ log = logging.getLogger("shoal.orchestrator")
 SECRET_FILE = "orchestrator.secret"  # noqa: S105 - a file name, not a secret
 MAX_SECRET_FILE_BYTES = 1024
 _MAX_TOPIC_LOG = 200
+#: The last level of an operator's request topics.
+_CHANNELS = frozenset(c.value for c in Channel)
 
 
 class Orchestrator:
@@ -154,9 +158,10 @@ class Orchestrator:
     def read_accounts(data_dir: Path) -> list[tuple[str, str, Role]]:
         """Every account that may connect, as (username, ``$7$`` hash, role).
 
-        For an external broker's password file (``shoal broker
+        For an external broker's password and ACL files (``shoal broker
         mosquitto-config``): the orchestrator's own account (hashed now),
-        gateways that are pending or accepted, operators. Safe while the
+        gateways that are pending or accepted, operators with their own role
+        (viewer, deployer, admin: the ACL follows it). Safe while the
         orchestrator runs (WAL). Raises InvalidInput when ``data_dir`` holds
         no orchestrator.
         """
@@ -175,7 +180,9 @@ class Orchestrator:
         """The role of the account connecting, or None to refuse it. Never raises.
 
         The orchestrator's own account; gateways that are pending or accepted
-        (not decommissioned); operators.
+        (not decommissioned); operators, each as its own role (viewer,
+        deployer, admin), which decides the request channels the broker lets
+        it publish on.
         """
         try:
             password.encode()
@@ -193,16 +200,19 @@ class Orchestrator:
     # -- messages --------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> Effects:
-        """One message from a gateway (``up/*``) or an operator (``req``). Never raises."""
+        """One message from a gateway (``up/*``) or an operator (a request channel).
+
+        Never raises.
+        """
         try:
             parts = topic.split("/", 6)
             if (
                 len(parts) == 5
                 and parts[:3] == ["shoal", "v1", "ops"]
-                and parts[4] == "req"
+                and parts[4] in _CHANNELS
                 and ID_PATTERN.match(parts[3])
             ):
-                return self._operators.handle(parts[3], payload)
+                return self._operators.handle(parts[3], Channel(parts[4]), payload)
             if (
                 len(parts) == 6
                 and parts[:3] == ["shoal", "v1", "gw"]

@@ -1,4 +1,4 @@
-"""The operator API: requests on ``shoal/v1/ops/{op}/req``, replies on ``.../resp``.
+"""The operator API: requests on ``shoal/v1/ops/{op}/{channel}``, replies on ``.../resp``.
 
 Rules (spec: ``docs/topics.md`` §Operator API, ``docs/rollouts.md`` §Roles):
 
@@ -13,6 +13,27 @@ Rules (spec: ``docs/topics.md`` §Operator API, ``docs/rollouts.md`` §Roles):
 * Roles are checked on every request, whatever the broker let through: each
   op names the least role that may use it (:data:`OPS`); viewer < deployer <
   admin. A refusal says who, what role and which op.
+* Each op has one request channel, the channel of its least role
+  (:data:`otaproto.topics.ROLE_CHANNELS`: viewer ``req``, deployer
+  ``write``, admin ``admin``); the broker lets an operator publish only on
+  the channels of its role, so a request its role may not make is dropped
+  before it gets here. An op that arrives on another channel than its own is
+  refused with a reply naming the right topic (after the role check, so a
+  viewer is told about its role, not about a channel it cannot use). Why
+  refuse it when the role check alone would be safe: so that a channel
+  always means what the ACL assumes (nothing sent on ``req`` changes
+  anything), and a client that picks the wrong channel fails at once, even
+  for an admin, not only later for the operators the broker stops.
+* The broker drops a request on a channel the account lacks, so that request
+  gets no reply. ``operators.check {op}`` (any role, on ``req``) answers
+  what the op itself would: its topic, or the role refusal. A client asks
+  it before an op of ``write`` or ``admin`` (:mod:`shoal.opsclient` does),
+  so an operator whose role may not use the op still gets a clear error
+  reply, from the orchestrator and in the audit log.
+* :data:`OPS` is the one table of ops and roles; clients cannot import it,
+  so :data:`otaproto.topics.OP_CHANNELS` carries each op's channel for
+  them. The two must agree exactly (:func:`channel_mismatches`): this module
+  refuses to load otherwise, and a test checks it.
 * Every request is written to the audit log (:mod:`orchestrator.audit`):
   a success in the same transaction as its changes, a refusal after the
   rollback, an unreadable request as op ``?``.
@@ -25,18 +46,24 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from orchestrator.effects import Effects, Outgoing
-from orchestrator.registry import ROLE_RANK, OperatorRole
+from orchestrator.registry import ROLE_RANK, OperatorRole, broker_role
 from orchestrator.rollouts import RolloutEvent
 from orchestrator.store import ArtifactRecord
 from otaproto import cbor, fleet
 from otaproto.errors import InvalidInput, LimitExceeded, MalformedError
-from otaproto.topics import operator_response
+from otaproto.topics import (
+    OP_CHANNELS,
+    ROLE_CHANNELS,
+    Channel,
+    operator_request,
+    operator_response,
+)
 
 log = logging.getLogger("shoal.orchestrator")
 
@@ -166,6 +193,21 @@ def _groups_create(admin: Admin, args: dict[str, Any], who: str) -> Result:
     return admin.create_group(args["name"], args["nodes"], args["filter"], who), Effects()
 
 
+def _operators_check(admin: Admin, args: dict[str, Any], who: str) -> Result:
+    """May ``who`` use ``args.op``: the op's topic, or the refusal the op itself would get.
+
+    Why: the broker drops a request on a channel the account's role lacks, so
+    that request can get no reply. A client asks this (a viewer op, on
+    ``req``) before an op of another channel, and so gets the clear refusal.
+    """
+    role = admin.operator_role(who)
+    if role is None:  # _check refused unknown operators before this runs
+        raise InvalidInput(f"unknown operator {who}")
+    op = permitted(who, role, args["op"])
+    topic = operator_request(who, channel_of(op.role))
+    return {"operator": who, "role": str(role), "op": args["op"], "topic": topic}, Effects()
+
+
 OPS: dict[str, Op] = {
     "devices.list": Op(V, {}, _plain(lambda a, _: a.list_devices())),
     "devices.show": Op(V, ID_ARG, _plain(lambda a, m: a.show_device(m["id"]))),
@@ -179,6 +221,7 @@ OPS: dict[str, Op] = {
     ),
     "operators.add": Op(A, {"id": ("text", True), "role": ("text", True)}, _operators_add),
     "operators.list": Op(A, {}, _plain(lambda a, _: a.list_operators())),
+    "operators.check": Op(V, {"op": ("text", True)}, _operators_check),
     "artifact.upload": Op(
         D,
         {"data": ("bytes", True)},
@@ -224,26 +267,73 @@ OPS: dict[str, Op] = {
 }
 
 
+class PermissionRefused(InvalidInput):
+    """The operator's role may not use this op."""
+
+
+class WrongChannel(InvalidInput):
+    """The op came on another request channel than its own."""
+
+
 def ops_for(role: OperatorRole) -> list[str]:
     """The ops an operator of ``role`` may use (for docs and broker ACLs)."""
     return [name for name, op in OPS.items() if ROLE_RANK[role] >= ROLE_RANK[op.role]]
 
 
+def permitted(operator: str, role: OperatorRole, name: str) -> Op:
+    """The op ``name`` if ``operator`` (of ``role``) may use it.
+
+    Raises InvalidInput (an unknown op), PermissionRefused (the role may not).
+    """
+    op = OPS.get(name)
+    if op is None:
+        raise InvalidInput(f"unknown op {name[:64]!r}; known: {', '.join(OPS)}")
+    if ROLE_RANK[role] < ROLE_RANK[op.role]:
+        raise PermissionRefused(f"operator {operator} ({role}) may not {name}: it needs {op.role}")
+    return op
+
+
+def channel_of(role: OperatorRole) -> Channel:
+    """The request channel of the ops whose least role is ``role``."""
+    return ROLE_CHANNELS[broker_role(role)]
+
+
+def channel_mismatches(
+    ops: Mapping[str, Op] | None = None, table: Mapping[str, Channel] = OP_CHANNELS
+) -> list[str]:
+    """Where ``table`` (the clients' op -> channel table) and ``ops`` (default :data:`OPS`)
+    disagree, one line each; empty when they agree exactly. Why it matters: a client sends
+    each op on the channel ``table`` names, and the orchestrator refuses any other."""
+    ops = OPS if ops is None else ops
+    wrong = [f"{name}: missing from the channel table" for name in ops if name not in table]
+    wrong += [f"{name}: in the channel table, not an op" for name in table if name not in ops]
+    for name, op in ops.items():
+        if name in table and table[name] != channel_of(op.role):
+            wrong.append(f"{name}: channel {table[name]}, but it needs {op.role}")
+    return wrong
+
+
 def roles_markdown() -> str:
-    """The roles table of ``docs/rollouts.md``: which role may use which op, from :data:`OPS`."""
+    """The roles table of ``docs/rollouts.md``: which role may use which op, and the op's
+    request channel, from :data:`OPS`."""
     roles = list(OperatorRole)
     lines = [
-        "| op | " + " | ".join(str(r) for r in roles) + " |",
-        "|---|" + "---|" * len(roles),
+        "| op | channel | " + " | ".join(str(r) for r in roles) + " |",
+        "|---|---|" + "---|" * len(roles),
     ]
     for name in sorted(OPS):
         marks = ["yes" if ROLE_RANK[r] >= ROLE_RANK[OPS[name].role] else "no" for r in roles]
-        lines.append(f"| `{name}` | " + " | ".join(marks) + " |")
+        channel = channel_of(OPS[name].role)
+        lines.append(f"| `{name}` | `{channel}` | " + " | ".join(marks) + " |")
     return "\n".join(lines) + "\n"
 
 
-class PermissionRefused(InvalidInput):
-    """The operator's role may not use this op."""
+_MISMATCHES = channel_mismatches()
+if _MISMATCHES:  # a client would send these ops where the orchestrator refuses them
+    raise RuntimeError(
+        "orchestrator.operators.OPS and otaproto.topics.OP_CHANNELS disagree: "
+        + "; ".join(_MISMATCHES)
+    )
 
 
 class OperatorApi:
@@ -252,8 +342,8 @@ class OperatorApi:
     def __init__(self, admin: Admin) -> None:
         self._admin = admin
 
-    def handle(self, operator: str, payload: bytes) -> Effects:
-        """One request from ``operator``: the reply (and what the op caused) as Effects.
+    def handle(self, operator: str, channel: Channel, payload: bytes) -> Effects:
+        """One request from ``operator`` on ``channel``: the reply (and what the op caused).
 
         Never raises for bad input: refusals are error replies, and a request
         whose id cannot be read is logged and dropped (no reply is possible).
@@ -278,7 +368,7 @@ class OperatorApi:
         role: OperatorRole | None = None
         try:
             role = self._admin.operator_role(operator)
-            op, args = self._check(operator, role, request)
+            op, args = self._check(operator, role, channel, request)
             with self._admin.transaction():
                 result, effects = op.run(self._admin, args, operator)
                 self._admin.record_audit(operator, role, request.op, args, None)
@@ -299,17 +389,24 @@ class OperatorApi:
         return Effects([reply]).extend(effects)
 
     def _check(
-        self, operator: str, role: OperatorRole | None, request: fleet.OperatorRequest
+        self,
+        operator: str,
+        role: OperatorRole | None,
+        channel: Channel,
+        request: fleet.OperatorRequest,
     ) -> tuple[Op, dict[str, Any]]:
-        """The op and its checked arguments. Raises InvalidInput (PermissionRefused)."""
+        """The op and its checked arguments.
+
+        Raises InvalidInput (PermissionRefused, WrongChannel).
+        """
         if role is None:
             raise InvalidInput(f"unknown operator {operator}")
-        op = OPS.get(request.op)
-        if op is None:
-            raise InvalidInput(f"unknown op {request.op[:64]!r}; known: {', '.join(OPS)}")
-        if ROLE_RANK[role] < ROLE_RANK[op.role]:
-            raise PermissionRefused(
-                f"operator {operator} ({role}) may not {request.op}: it needs {op.role}"
+        op = permitted(operator, role, request.op)
+        wanted = channel_of(op.role)
+        if channel != wanted:
+            raise WrongChannel(
+                f"{request.op} must be sent on {operator_request(operator, wanted)}, "
+                f"not {operator_request(operator, channel)}"
             )
         if op.cbor_only and request.json:
             raise InvalidInput(f"{request.op} carries bytes: send it as a CBOR request")

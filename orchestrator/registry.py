@@ -24,7 +24,10 @@ Rules (spec: ``docs/topics.md``; architecture.md §Security model):
   a node's attributes are its gateway's with its own on top. ``agent`` is
   the gateway's own (from its HELLO) and cannot be set by an operator.
 * Operators have a role (:class:`OperatorRole`), checked by the operator API
-  on every request (:mod:`orchestrator.operators`).
+  on every request (:mod:`orchestrator.operators`). The broker learns it too
+  (:meth:`Registry.check_secret`, :meth:`Registry.accounts` give the
+  operator's own :class:`otaproto.topics.Role`), so that its topic ACL lets
+  each operator publish only on the request channels of its role.
 """
 
 from __future__ import annotations
@@ -79,6 +82,13 @@ class OperatorRole(StrEnum):
 
 #: The order of the roles: a role may do what any role of lower rank may.
 ROLE_RANK: Mapping[OperatorRole, int] = {role: rank for rank, role in enumerate(OperatorRole)}
+
+
+def broker_role(role: OperatorRole) -> Role:
+    """The broker's name for an operator of ``role`` (the same word: viewer, deployer, admin)."""
+    return Role(role.value)
+
+
 #: Most attributes one gateway or node may carry.
 MAX_ATTRIBUTES = 32
 #: Attributes only the gateway itself sets.
@@ -421,7 +431,8 @@ class Registry:
         """The role of a registry account whose secret matches, else None.
 
         Gateways count while pending or accepted; a decommissioned gateway is
-        refused. Never raises: a damaged stored hash is logged and refused.
+        refused; an operator gets its own role (viewer, deployer, admin).
+        Never raises: a damaged stored hash is logged and refused.
         """
         if len(password) > MAX_SECRET_CHARS or not ID_PATTERN.match(username):
             return None
@@ -432,9 +443,10 @@ class Registry:
             if row["state"] != GatewayState.DECOMMISSIONED:
                 role, stored = Role.GATEWAY, str(row["secret_hash"])
         else:
-            row = one(self._db, "SELECT secret_hash FROM operators WHERE id = ?", [username])
+            row = one(self._db, "SELECT secret_hash, role FROM operators WHERE id = ?", [username])
             if row is not None:
-                role, stored = Role.OPERATOR, str(row["secret_hash"])
+                role = broker_role(OperatorRole(row["role"]))
+                stored = str(row["secret_hash"])
         try:
             ok = verify_secret(password, stored)
         except MalformedError as exc:
@@ -443,14 +455,18 @@ class Registry:
         return role if ok else None
 
     def accounts(self) -> list[tuple[str, str, Role]]:
-        """(username, ``$7$`` hash, role) of every gateway and operator that may connect."""
+        """(username, ``$7$`` hash, role) of every gateway and operator that may connect.
+
+        An operator's role is its own (viewer, deployer, admin): the broker's
+        ACL gives it the request channels of that role.
+        """
         gateways = self._db.query(
             "SELECT id, secret_hash FROM gateways WHERE state != ? ORDER BY id",
             [str(GatewayState.DECOMMISSIONED)],
         )
-        operators = self._db.query("SELECT id, secret_hash FROM operators ORDER BY id")
+        operators = self._db.query("SELECT id, secret_hash, role FROM operators ORDER BY id")
         return [(r["id"], r["secret_hash"], Role.GATEWAY) for r in gateways] + [
-            (r["id"], r["secret_hash"], Role.OPERATOR) for r in operators
+            (r["id"], r["secret_hash"], broker_role(OperatorRole(r["role"]))) for r in operators
         ]
 
     def _check_free(self, account_id: str) -> None:

@@ -29,11 +29,12 @@ from otaproto.artifact import (
     inspect_artifact,
     verify_artifact,
 )
-from otaproto.errors import LinkError, ShoalError, UsageError
+from otaproto.errors import LinkError, UsageError
 from otaproto.images import is_hex_name, load_image
 from otaproto.keys import Algorithm, PublicKey, SigningKey, TrustedKeys
 from otaproto.limits import DEFAULT_LIMITS
 from otaproto.manifest import Manifest
+from shoal.cli_common import Client, ShoalGroup, operator_options, show
 
 KEY_FILE_LIMIT_BYTES = 16 * 1024
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -45,17 +46,6 @@ BASE_OPTION = click.option(
     "--base", "base", type=EXISTING_FILE,
     help="For a delta: the base image (.bin/.hex) or its full artifact.",
 )  # fmt: skip
-
-
-class ShoalGroup(click.Group):
-    """A click group that prints Shoal's errors as one line."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ShoalError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
 
 
 @click.group(cls=ShoalGroup)
@@ -753,78 +743,6 @@ def gateway_command(config_path: Path) -> None:
     _run_async(lambda stop: run_gateway(agent, stop))
 
 
-def operator_options(command: Any) -> Any:
-    """The options every operator command shares (also from SHOAL_* environment variables)."""
-    for option in reversed(
-        [
-            click.option(
-                "--host",
-                envvar="SHOAL_HOST",
-                default="127.0.0.1",
-                show_default=True,
-                help="Broker address. For TLS, set SHOAL_TLS_CA to the broker's CA file.",
-            ),
-            click.option("--port", envvar="SHOAL_PORT", default=1883, show_default=True, type=int),
-            click.option(
-                "--user", "operator", envvar="SHOAL_USER", default="admin", show_default=True
-            ),
-            click.option(
-                "--password",
-                envvar="SHOAL_PASSWORD",
-                default=None,
-                help="Operator secret (or --password-file, or SHOAL_PASSWORD).",
-            ),
-            click.option(
-                "--password-file",
-                envvar="SHOAL_PASSWORD_FILE",
-                default=None,
-                type=click.Path(dir_okay=False, path_type=Path),
-            ),
-            click.option("--json", "as_json", is_flag=True, help="Print JSON."),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def _login(
-    host: str, port: int, operator: str, password: str | None, password_file: Path | None
-) -> Any:
-    from shoal.opsclient import OperatorLogin
-
-    if password is None:
-        if password_file is None:
-            raise UsageError("give --password, --password-file or SHOAL_PASSWORD")
-        password = (
-            read_bounded(password_file, KEY_FILE_LIMIT_BYTES, "password file").decode().strip()
-        )
-    ca = os.environ.get("SHOAL_TLS_CA")
-    return OperatorLogin(host, port, operator, password, Path(ca) if ca else None)
-
-
-def _call(login: Any, op: str, args: dict[str, Any] | None = None) -> Any:
-    from shoal.opsclient import call
-
-    try:
-        return call(login, op, args or {})
-    except LinkError as exc:
-        raise UsageError(f"cannot reach the orchestrator: {exc}") from exc
-
-
-def _show(result: Any, as_json: bool) -> None:
-    if as_json or not isinstance(result, (dict, list)):
-        click.echo(json.dumps(result, indent=2, default=str))
-        return
-    rows = result if isinstance(result, list) else [result]
-    for row in rows:
-        if isinstance(row, dict):
-            click.echo(
-                "  ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, (dict, list)))
-            )
-        else:
-            click.echo(str(row))
-
-
 @main.group(cls=ShoalGroup)
 def devices() -> None:
     """Gateways and the nodes behind them (pending -> accepted -> decommissioned)."""
@@ -840,8 +758,8 @@ def _device_command(name: str, op: str, with_id: bool, help_text: str) -> None:
         as_json: bool,
         **kw: Any,
     ) -> None:
-        login = _login(host, port, operator, password, password_file)
-        _show(_call(login, op, {"id": kw["device_id"]} if with_id else {}), as_json)
+        client = Client(host, port, operator, password, password_file)
+        show(client.call(op, {"id": kw["device_id"]} if with_id else {}), as_json)
 
     run.__doc__ = help_text
     command = operator_options(run)
@@ -875,8 +793,8 @@ def artifact_upload(
     as_json: bool,
 ) -> None:
     """Upload a signed artifact to the orchestrator's store (it verifies it first)."""
-    login = _login(host, port, operator, password, password_file)
-    _show(_call(login, "artifact.upload", {"data": _read_artifact(file)}), as_json)
+    client = Client(host, port, operator, password, password_file)
+    show(client.call("artifact.upload", {"data": _read_artifact(file)}), as_json)
 
 
 class DeployGroup(DefaultGroup, ShoalGroup):  # type: ignore[misc]
@@ -903,9 +821,9 @@ def deploy_create(
     as_json: bool,
 ) -> None:
     """Deploy ARTIFACT_REF (the full artifact's digest) to the given nodes."""
-    login = _login(host, port, operator, password, password_file)
+    client = Client(host, port, operator, password, password_file)
     targets = [n.strip() for n in nodes.split(",") if n.strip()]
-    _show(_call(login, "deploy.create", {"artifact": artifact_ref, "nodes": targets}), as_json)
+    show(client.call("deploy.create", {"artifact": artifact_ref, "nodes": targets}), as_json)
 
 
 @deploy.command("status")
@@ -921,8 +839,8 @@ def deploy_status(
     as_json: bool,
 ) -> None:
     """Show a deployment: each node's state and bytes."""
-    login = _login(host, port, operator, password, password_file)
-    _show(_call(login, "deploy.status", {"id": deployment_id}), as_json)
+    client = Client(host, port, operator, password, password_file)
+    show(client.call("deploy.status", {"id": deployment_id}), as_json)
 
 
 @main.group(cls=ShoalGroup)

@@ -9,25 +9,22 @@ and exit status 1; ``--json`` prints the orchestrator's result as JSON.
 
 The click objects :data:`rollout`, :data:`groups` and :data:`audit` are
 registered on ``shoal.cli.main`` by that module (this one does not import it,
-so either can be imported first).
+so either can be imported first). What both share (the error-printing
+group, the operator options and client) is in :mod:`shoal.cli_common`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 
-from otaio.files import read_bounded
-from otaproto.errors import LinkError, ShoalError, UsageError
+from otaproto.errors import UsageError
+from shoal.cli_common import Client, ShoalGroup, operator_options, print_json
 
-PASSWORD_FILE_LIMIT_BYTES = 16 * 1024
 FINAL_STATES = ("completed", "aborted", "failed")
 #: States that end a node's part (the rest are running or waiting).
 _ENDED = {
@@ -40,82 +37,6 @@ _STATE_STYLES = {
     "timed_out": "red", "aborted": "yellow", "incompatible": "magenta", "waiting": "dim",
     "not_started": "dim",
 }  # fmt: skip
-
-
-class RolloutGroup(click.Group):
-    """A click group that prints Shoal's errors as one line and exits 1 (as ``shoal.cli``)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ShoalError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
-
-
-def operator_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every operator command shares (also from SHOAL_* environment variables)."""
-    options = [
-        click.option(
-            "--host",
-            envvar="SHOAL_HOST",
-            default="127.0.0.1",
-            show_default=True,
-            help="Broker address. For TLS, set SHOAL_TLS_CA to the broker's CA file.",
-        ),
-        click.option("--port", envvar="SHOAL_PORT", default=1883, show_default=True, type=int),
-        click.option("--user", "operator", envvar="SHOAL_USER", default="admin", show_default=True),
-        click.option(
-            "--password",
-            envvar="SHOAL_PASSWORD",
-            default=None,
-            help="Operator secret (or --password-file, or SHOAL_PASSWORD).",
-        ),
-        click.option(
-            "--password-file",
-            envvar="SHOAL_PASSWORD_FILE",
-            default=None,
-            type=click.Path(dir_okay=False, path_type=Path),
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-class Client:
-    """One operator's connection settings, and the requests the commands make."""
-
-    def __init__(
-        self, host: str, port: int, operator: str, password: str | None, password_file: Path | None
-    ) -> None:
-        from shoal.opsclient import OperatorLogin
-
-        if password is None:
-            if password_file is None:
-                raise UsageError("give --password, --password-file or SHOAL_PASSWORD")
-            data = read_bounded(password_file, PASSWORD_FILE_LIMIT_BYTES, "password file")
-            password = data.decode(errors="replace").strip()
-        ca = os.environ.get("SHOAL_TLS_CA")
-        self.login = OperatorLogin(host, port, operator, password, Path(ca) if ca else None)
-
-    def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        """One request. Raises OperatorError (a refusal) and UsageError (no orchestrator)."""
-        from shoal.opsclient import call
-
-        try:
-            return call(self.login, op, {k: v for k, v in (args or {}).items() if v is not None})
-        except LinkError as exc:
-            raise UsageError(f"cannot reach the orchestrator: {exc}") from exc
-
-
-def _client(kw: dict[str, Any]) -> Client:
-    return Client(kw["host"], kw["port"], kw["operator"], kw["password"], kw["password_file"])
-
-
-def _print_json(result: Any) -> None:
-    click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
 def parse_filter(text: str) -> dict[str, Any]:
@@ -175,7 +96,7 @@ def _timeouts(pairs: tuple[str, ...]) -> dict[str, float] | None:
 # --- rollout ------------------------------------------------------------------------
 
 
-@click.group(cls=RolloutGroup)
+@click.group(cls=ShoalGroup)
 def rollout() -> None:
     """Phased rollouts of an artifact to a group, a filter or a list of nodes."""
 
@@ -251,9 +172,9 @@ def rollout_create(**kw: Any) -> None:
         "retries": kw["retries"], "timeouts": _timeouts(kw["timeouts"]),
         "start_at": kw["start_at"],
     }  # fmt: skip
-    result = _client(kw).call("rollout.create", args)
+    result = Client.from_options(kw).call("rollout.create", args)
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
         return
     sizes = ", ".join(str(p["size"]) for p in result["phases"])
     click.echo(
@@ -268,9 +189,9 @@ def rollout_create(**kw: Any) -> None:
 @operator_options
 def rollout_list(state: str | None, limit: int | None, **kw: Any) -> None:
     """List rollouts, newest first."""
-    result = _client(kw).call("rollout.list", {"state": state, "limit": limit})
+    result = Client.from_options(kw).call("rollout.list", {"state": state, "limit": limit})
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
         return
     for r in result["rollouts"]:
         counts = " ".join(f"{k}={v}" for k, v in sorted(r["counts"].items()))
@@ -285,9 +206,9 @@ def rollout_list(state: str | None, limit: int | None, **kw: Any) -> None:
 @operator_options
 def rollout_show(rollout_id: str, node_limit: int | None, **kw: Any) -> None:
     """Show a rollout: its phases, nodes and events."""
-    result = _client(kw).call("rollout.show", {"id": rollout_id, "nodes": node_limit})
+    result = Client.from_options(kw).call("rollout.show", {"id": rollout_id, "nodes": node_limit})
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
         return
     click.echo(describe(result))
     for n in result["nodes"]:
@@ -313,9 +234,9 @@ def describe(shown: dict[str, Any]) -> str:
 
 def _action(name: str, help_text: str) -> None:
     def run(rollout_id: str, **kw: Any) -> None:
-        result = _client(kw).call(f"rollout.{name}", {"id": rollout_id})
+        result = Client.from_options(kw).call(f"rollout.{name}", {"id": rollout_id})
         if kw["as_json"]:
-            _print_json(result)
+            print_json(result)
         else:
             click.echo(describe(result))
 
@@ -372,7 +293,7 @@ def rollout_watch(rollout_id: str, interval: float, timeout_s: float | None, **k
     Progress bars per phase and per state; with --json, one JSON line per poll.
     Exit 0 when it completed, 1 when it ended aborted or failed (or --timeout passed).
     """
-    client = _client(kw)
+    client = Client.from_options(kw)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pause = threading.Event()
 
@@ -412,7 +333,7 @@ def rollout_watch(rollout_id: str, interval: float, timeout_s: float | None, **k
 # --- groups -------------------------------------------------------------------------
 
 
-@click.group(cls=RolloutGroup)
+@click.group(cls=ShoalGroup)
 def groups() -> None:
     """Static (a list of nodes) and dynamic (a filter) groups of nodes."""
 
@@ -434,12 +355,12 @@ def groups_create(name: str, nodes: str | None, node_filter: str | None, **kw: A
         args["nodes"] = _split_nodes(nodes)
     else:
         args["filter"] = parse_filter(node_filter or "")
-    _show_group(_client(kw).call("groups.create", args), kw["as_json"])
+    _show_group(Client.from_options(kw).call("groups.create", args), kw["as_json"])
 
 
 def _show_group(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     definition = result.get("filter", result.get("nodes"))
     click.echo(f"{result['name']} ({result['kind']}) {json.dumps(definition)}")
@@ -453,9 +374,9 @@ def _show_group(result: dict[str, Any], as_json: bool) -> None:
 @operator_options
 def groups_list(**kw: Any) -> None:
     """List groups and their definitions."""
-    result = _client(kw).call("groups.list")
+    result = Client.from_options(kw).call("groups.list")
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
         return
     for group in result["groups"]:
         _show_group(group, False)
@@ -466,7 +387,7 @@ def groups_list(**kw: Any) -> None:
 @operator_options
 def groups_show(name: str, **kw: Any) -> None:
     """Show a group and the nodes it holds now."""
-    _show_group(_client(kw).call("groups.show", {"name": name}), kw["as_json"])
+    _show_group(Client.from_options(kw).call("groups.show", {"name": name}), kw["as_json"])
 
 
 @groups.command("delete")
@@ -474,9 +395,9 @@ def groups_show(name: str, **kw: Any) -> None:
 @operator_options
 def groups_delete(name: str, **kw: Any) -> None:
     """Delete a group (not while a scheduled rollout names it)."""
-    result = _client(kw).call("groups.delete", {"name": name})
+    result = Client.from_options(kw).call("groups.delete", {"name": name})
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
     else:
         click.echo(f"{name} deleted")
 
@@ -484,7 +405,7 @@ def groups_delete(name: str, **kw: Any) -> None:
 # --- audit --------------------------------------------------------------------------
 
 
-@click.group(cls=RolloutGroup)
+@click.group(cls=ShoalGroup)
 def audit() -> None:
     """The audit log: every operator request, who, when and how it ended."""
 
@@ -496,9 +417,9 @@ def audit() -> None:
 @operator_options
 def audit_list(limit: int | None, who: str | None, op: str | None, **kw: Any) -> None:
     """List audit entries, newest first."""
-    result = _client(kw).call("audit.list", {"limit": limit, "operator": who, "op": op})
+    result = Client.from_options(kw).call("audit.list", {"limit": limit, "operator": who, "op": op})
     if kw["as_json"]:
-        _print_json(result)
+        print_json(result)
         return
     for e in result["entries"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["at"]))

@@ -142,7 +142,8 @@ async def _session(
     """One connection: subscribe, then move messages and ticks until ``stop`` or a lost link."""
     async with MqttClient(settings) as client:
         await client.subscribe(t.ALL_GATEWAY_UP)
-        await client.subscribe(t.ALL_OPERATOR_REQUESTS)
+        for requests in t.ALL_OPERATOR_REQUESTS:  # one filter per request channel
+            await client.subscribe(requests)
         connected.set()
         log.info("orchestrator connected to %s:%d", settings.host, settings.port)
         if ready is not None:

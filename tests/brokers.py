@@ -43,12 +43,15 @@ from tests.conftest import require_program
 P = ParamSpec("P")
 
 BROKER_KINDS = ("embedded", "mosquitto")
-#: The accounts most tests use: two gateways, two operators, the orchestrator.
+#: The accounts most tests use: two gateways, two admins, an operator of each other role,
+#: the orchestrator.
 FLEET: Mapping[str, Role] = {
     "gw-a": Role.GATEWAY,
     "gw-b": Role.GATEWAY,
-    "op-x": Role.OPERATOR,
-    "op-y": Role.OPERATOR,
+    "op-x": Role.ADMIN,
+    "op-y": Role.ADMIN,
+    "op-v": Role.VIEWER,
+    "op-d": Role.DEPLOYER,
     "orch": Role.ORCHESTRATOR,
 }
 TEST_TIMEOUT_S = 30.0

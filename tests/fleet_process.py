@@ -181,7 +181,7 @@ class OperatorSession:
             for attempt in range(2):  # a stale connection (the broker restarted) is noticed here
                 client = await self._connect()
                 try:
-                    await client.publish(t.operator_request(self.login.operator), body)
+                    await client.publish(t.op_request(self.login.operator, op), body)
                     break
                 except LinkError:
                     await self._disconnect()

@@ -28,6 +28,7 @@ from otaproto.errors import InvalidInput, LinkBroken, MalformedError, UsageError
 from otaproto.topics import (
     ALL_GATEWAY_UP,
     ALL_OPERATOR_REQUESTS,
+    Channel,
     Down,
     Role,
     Up,
@@ -220,7 +221,8 @@ async def test_operators_only_reach_their_own_requests_and_responses(
         MqttClient(broker.settings("op-x")) as x,
         MqttClient(broker.settings("op-y")) as y,
     ):
-        await orch.subscribe(ALL_OPERATOR_REQUESTS)
+        for requests in ALL_OPERATOR_REQUESTS:
+            await orch.subscribe(requests)
         await orch.subscribe(ALL_GATEWAY_UP)
         assert await x.subscribe(operator_response("op-x")) == 1
         assert await y.subscribe(operator_response("op-y")) == 1
@@ -235,6 +237,7 @@ async def test_operators_only_reach_their_own_requests_and_responses(
             await try_subscribe(broker, x, topic_filter)
         for topic in [
             operator_request("op-y"),  # posing as op-y
+            operator_request("op-y", Channel.ADMIN),
             operator_response("op-x"),  # answering itself
             operator_response("op-y"),
             gateway_up("op-x", Up.HELLO),  # a gateway id equal to its own name
@@ -251,6 +254,42 @@ async def test_operators_only_reach_their_own_requests_and_responses(
             operator_response("op-x"), b"for x", 1, False
         )
         assert (await next_message(y.messages())).payload == b"for y"
+
+
+#: The request channels each operator of FleetAccounts may publish on, in Channel order.
+CHANNELS_BY_ACCOUNT = {
+    "op-v": [Channel.READ],  # viewer
+    "op-d": [Channel.READ, Channel.WRITE],  # deployer
+    "op-x": [Channel.READ, Channel.WRITE, Channel.ADMIN],  # admin
+}
+
+
+@each_broker
+@async_test
+async def test_an_operator_publishes_only_on_the_request_channels_of_its_role(
+    kind: str, tmp_path: Path
+) -> None:
+    """The broker's half of role enforcement: a viewer's write and admin requests and a
+    deployer's admin requests never reach the orchestrator; an admin's reach it on every
+    channel. Each operator's fence (on ``req``) comes after its other requests."""
+    async with (
+        running_broker(kind, tmp_path, FleetAccounts()) as broker,
+        MqttClient(broker.settings("orch")) as orch,
+    ):
+        for requests in ALL_OPERATOR_REQUESTS:
+            assert await orch.subscribe(requests) == 1
+        heard = orch.messages()
+        for operator, allowed in CHANNELS_BY_ACCOUNT.items():
+            async with MqttClient(broker.settings(operator)) as client:
+                for channel in Channel:
+                    await client.publish(operator_request(operator, channel), channel.encode())
+                assert client.connected  # refused publishes are acknowledged and dropped
+                await client.publish(operator_request(operator), b"fence")
+                arrived: list[tuple[str, bytes]] = []
+                while (message := await next_message(heard)).payload != b"fence":
+                    arrived.append((message.topic, message.payload))
+            expected = [(operator_request(operator, c), c.encode()) for c in allowed]
+            assert arrived == expected, operator
 
 
 @each_broker
@@ -542,7 +581,9 @@ async def test_tls_files_that_cannot_be_loaded_raise_invalid_input(tmp_path: Pat
 
 ACCOUNTS = [
     Account("gw-a", hash_secret("a"), Role.GATEWAY),
-    Account("op-x", hash_secret("x"), Role.OPERATOR),
+    Account("op-x", hash_secret("x"), Role.ADMIN),
+    Account("op-v", hash_secret("v"), Role.VIEWER),
+    Account("op-d", hash_secret("d"), Role.DEPLOYER),
     Account("orch", hash_secret("o"), Role.ORCHESTRATOR),
 ]
 
@@ -580,18 +621,40 @@ def test_mosquitto_acl_follows_the_topic_policy() -> None:
     assert "pattern write shoal/v1/gw/%u/up/hello" in lines
     assert "pattern read shoal/v1/gw/%u/down/cmd" in lines
     assert not [line for line in lines if line.startswith("pattern") and "/ops/" in line]
-    operator = lines.index("user op-x")
-    assert lines[operator + 1 : operator + 4] == [
+    blocks = {name: _user_block(lines, name) for name in ("op-v", "op-d", "op-x")}
+    assert blocks["op-v"] == [
+        "topic deny shoal/v1/gw/#",
+        "topic write shoal/v1/ops/op-v/req",
+        "topic read shoal/v1/ops/op-v/resp",
+    ]
+    assert blocks["op-d"] == [
+        "topic deny shoal/v1/gw/#",
+        "topic write shoal/v1/ops/op-d/req",
+        "topic write shoal/v1/ops/op-d/write",
+        "topic read shoal/v1/ops/op-d/resp",
+    ]
+    assert blocks["op-x"] == [
         "topic deny shoal/v1/gw/#",
         "topic write shoal/v1/ops/op-x/req",
+        "topic write shoal/v1/ops/op-x/write",
+        "topic write shoal/v1/ops/op-x/admin",
         "topic read shoal/v1/ops/op-x/resp",
     ]
+    comment = "# operator op-v, role viewer: the deny line keeps the gateway patterns away from it"
+    assert lines[lines.index("user op-v") - 1] == comment
     orchestrator = lines.index("user orch")
     assert lines[orchestrator + 1 : orchestrator + 3] == [
         "topic deny shoal/v1",
         "topic readwrite shoal/v1/#",
     ]
     assert "user gw-a" not in lines  # gateways are covered by the patterns alone
+
+
+def _user_block(lines: list[str], name: str) -> list[str]:
+    """The lines of ``user name``'s block, up to the blank line that ends it."""
+    start = lines.index(f"user {name}") + 1
+    end = lines.index("", start) if "" in lines[start:] else len(lines)
+    return lines[start:end]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 * The session script talks to the operator API with nothing but
   ``mosquitto_sub``/``mosquitto_pub`` and prints each reply, on the embedded
-  broker and on mosquitto.
+  broker and on mosquitto, each request on its op's channel.
 * ``shoal broker mosquitto-config`` writes files a real mosquitto starts
   from as they are (started as root too, when it drops to its own user before
   reading the password file), that let in exactly the registry's accounts
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core import Orchestrator
+from otaproto import topics as t
 from shoal.opsclient import OperatorLogin, call
 from shoal.serve import ServeOptions, bootstrap_admin, serve
 from tests.brokers import free_port
@@ -143,6 +145,16 @@ def test_the_operator_session_lists_shows_accepts_and_reports_with_stock_clients
         assert fleet.ops("devices.show", id="gw-new")["state"] == "accepted"
         after = {g["id"]: g["state"] for g in fleet.ops("devices.list")["gateways"]}
         assert after == {"gw-a": "accepted", "gw-new": "accepted"}
+
+
+def test_each_request_of_the_session_goes_on_its_ops_channel() -> None:
+    """The script names each request's channel by hand; a wrong one would be dropped by the
+    broker (a channel the role lacks) or refused by the orchestrator (the op's is another)."""
+    steps = re.findall(r"^\s*request (\S+) (\S+)", SCRIPT.read_text(), re.MULTILINE)
+    assert [op for _, op in steps] == [
+        "devices.list", "devices.show", "devices.accept", "deploy.status",
+    ]  # fmt: skip
+    assert steps == [(str(t.op_channel(op)), op) for _, op in steps]
 
 
 def test_the_operator_session_stops_at_the_first_refusal_and_prints_it(tmp_path: Path) -> None:

@@ -231,7 +231,9 @@ def test_accounts_share_one_namespace_and_the_orchestrator_has_its_own(
     w: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = w.o.add_operator("alice", "deployer")
-    assert w.o.authenticate("alice", secret) is t.Role.OPERATOR
+    assert w.o.authenticate("alice", secret) is t.Role.DEPLOYER  # the broker learns the role
+    assert w.o.authenticate("viv", w.o.add_operator("viv", "viewer")) is t.Role.VIEWER
+    assert w.o.authenticate("ada", w.o.add_operator("ada", "admin")) is t.Role.ADMIN
     with pytest.raises(InvalidInput, match="already an operator"):
         w.o.add_gateway("alice")
     with pytest.raises(InvalidInput, match="reserved"):
@@ -260,10 +262,12 @@ def test_read_accounts_lists_who_may_connect_for_an_external_broker(w: World) ->
     w.o.add_gateway("gw-old")
     w.o.decommission_gateway("gw-old")
     op_secret = w.o.add_operator("alice", "viewer")
+    w.o.add_operator("dee", "deployer")
+    w.o.add_operator("ada", "admin")
     accounts = Orchestrator.read_accounts(w.dir)
     assert [(u, r) for u, _, r in accounts] == [
         ("orchestrator", t.Role.ORCHESTRATOR), ("gw-1", t.Role.GATEWAY),
-        ("alice", t.Role.OPERATOR),
+        ("ada", t.Role.ADMIN), ("alice", t.Role.VIEWER), ("dee", t.Role.DEPLOYER),
     ]  # fmt: skip
     hashes = {u: h for u, h, _ in accounts}
     assert verify_secret(w.o.orchestrator_secret, hashes["orchestrator"])

@@ -175,13 +175,16 @@ def test_unknown_message_types_and_foreign_topics_are_refused(
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(kind=st.sampled_from([*ALL_KINDS, "req"]), payload=st.binary(max_size=300))
+@given(kind=st.sampled_from([*ALL_KINDS, *t.Channel]), payload=st.binary(max_size=300))
 def test_random_bytes_on_any_topic_never_crash_or_change_state(
     world: tuple[World, str], bugs: list[logging.LogRecord], kind: str, payload: bytes
 ) -> None:
     w, _ = world
     before = dump(w.dir)
-    topic = t.operator_request("alice") if kind == "req" else t.gateway_up(GW, t.Up(kind))
+    if kind in set(t.Channel):
+        topic = t.operator_request("alice", t.Channel(kind))
+    else:
+        topic = t.gateway_up(GW, t.Up(kind))
     w.o.handle(topic, payload)
     assert dump(w.dir) == before
     assert bugs == []
@@ -224,13 +227,16 @@ def test_structured_nonsense_never_crashes(
 
 
 def ask(w: World, op: str, args: dict[str, Any] | None = None, *, as_json: bool = True,
-        operator: str = "alice") -> tuple[dict[str, Any], Effects]:  # fmt: skip
-    """Send a request; the decoded reply (which must come first) and all effects."""
+        operator: str = "alice", channel: t.Channel | None = None,
+        ) -> tuple[dict[str, Any], Effects]:  # fmt: skip
+    """Send a request on the op's channel (or ``channel``); the decoded reply (which must come
+    first) and all effects. No broker here: any channel reaches the orchestrator."""
     request: dict[str, Any] = {"id": "r1", "op": op}
     if args is not None:
         request["args"] = args
     payload = json.dumps(request).encode() if as_json else cbor.encode(request)
-    effects = w.o.handle(t.operator_request(operator), payload)
+    topic = t.op_request(operator, op) if channel is None else t.operator_request(operator, channel)
+    effects = w.o.handle(topic, payload)
     reply = effects.outgoing[0]
     assert reply.topic == t.operator_response(operator)
     assert reply.payload[:1] == b"{" if as_json else reply.payload[:1] != b"{"

@@ -146,9 +146,12 @@ def test_a_three_phase_rollout_completes_and_a_viewer_cannot_start_one(tmp_path:
         for target, at in first_event.items():
             if phase_of[target] > 1:
                 assert at >= passed_at[f"phase {phase_of[target] - 1} passed"], target
+        # The client asked operators.check first (the broker drops a viewer's write
+        # request), so the refusal in the audit log is the check's, naming rollout.create.
         refused = fleet.ops("audit.list", operator="val")["entries"]
-        assert [(e["op"], e["ok"]) for e in refused] == [
-            ("rollout.list", True), ("rollout.create", False),
+        assert [(e["op"], e["args"], e["ok"]) for e in refused] == [
+            ("rollout.list", {"limit": None, "state": None}, True),
+            ("operators.check", {"op": "rollout.create"}, False),
         ]  # fmt: skip
 
 
