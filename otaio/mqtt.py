@@ -375,6 +375,7 @@ class MqttClient:
                 client.will_set(s.will_topic, s.will_payload, qos=1, retain=False)
             except ValueError as exc:
                 raise UsageError(f"bad MQTT will topic {s.will_topic!r}: {exc}") from exc
+        client.on_socket_open = _no_delay
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_publish = self._paho_publish
@@ -633,6 +634,16 @@ def _close_quietly(client: paho.Client) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Turn Nagle's algorithm off: small QoS 1 publishes each waited 25-50 ms for it.
+
+    Found by ``shoal bench fanout``: with Nagle on, an orchestrator publishing a
+    command and waiting for its PUBACK dispatched 42 deployments a second.
+    """
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _reason(exc: BaseException) -> str:

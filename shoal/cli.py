@@ -1022,6 +1022,45 @@ def bench_serial(image_kib: int, only: str | None, as_json: bool) -> None:
     run(image_kib=image_kib, only=only, as_json=as_json)
 
 
+@bench.command("fanout")
+@click.option("--gateways", default=1000, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--nodes-per-gateway", default=10, show_default=True, type=click.IntRange(1, 256))
+@click.option(
+    "--api",
+    type=click.Choice(["rollout", "deploy"]),
+    default=None,
+    help="rollout.create or deploy.create (default: the rollout).",
+)
+@click.option(
+    "--overlap",
+    is_flag=True,
+    help="Nodes report right after their ACK, not once every node is offered.",
+)
+@click.option(
+    "--timeout", "timeout_s", default=300.0, show_default=True, type=click.FloatRange(10, 3600)
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def bench_fanout(
+    gateways: int,
+    nodes_per_gateway: int,
+    api: str | None,
+    overlap: bool,
+    timeout_s: float,
+    as_json: bool,
+) -> None:
+    """A rollout to simulated gateways on mosquitto: dispatch and ingest rates vs the broker."""
+    from shoal.bench_fanout import run
+
+    run(
+        gateways=gateways,
+        nodes_per_gateway=nodes_per_gateway,
+        as_json=as_json,
+        api=api,
+        overlap=overlap,
+        timeout_s=timeout_s,
+    )
+
+
 def _register_rollouts() -> None:
     """Rollouts, groups and the audit log live in :mod:`shoal.cli_rollouts`."""
     from shoal.cli_rollouts import audit, groups, rollout

@@ -47,6 +47,7 @@ def quickstart_commands() -> list[str]:
     return commands
 
 
+@pytest.mark.timeout(1500)
 def test_the_readme_quickstart_is_two_commands_that_work_from_a_fresh_clone(tmp_path: Path) -> None:
     if os.environ.get(INNER):
         pytest.skip("already inside the README's test command")
