@@ -45,6 +45,7 @@ def settings_for(agent: GatewayAgent) -> MqttSettings:
         tls_ca_file=config.tls_ca_file,
         will_topic=will_topic,
         will_payload=will_payload,
+        manual_ack=True,  # a command is acknowledged once the agent has persisted it
     )
 
 
@@ -82,6 +83,7 @@ async def _session(agent: GatewayAgent, stop: asyncio.Event) -> None:
             async for message in client.messages():
                 for out_topic, out_payload in agent.handle(message.topic, message.payload):
                     await client.publish(out_topic, out_payload)
+                client.ack(message)
 
         async def stopper() -> None:
             await stop.wait()

@@ -126,6 +126,13 @@ class MqttSettings:
     connect_timeout_s: float = 10.0
     #: "tcp" or "websockets" (path ``/mqtt``).
     transport: str = "tcp"
+    #: Acknowledge a QoS 1 message only when the consumer calls
+    #: :meth:`MqttClient.ack`, after it has stored what the message caused. A
+    #: message the consumer never finished is then sent again by the broker
+    #: (mosquitto: also after a reconnect, with a persistent session), and the
+    #: broker's in-flight limit holds a fast sender back. Off: paho acknowledges
+    #: on arrival.
+    manual_ack: bool = False
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -156,6 +163,8 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    #: The packet id, for :meth:`MqttClient.ack` when ``manual_ack`` is on.
+    mid: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +345,17 @@ class MqttClient:
             )
         return granted
 
+    def ack(self, message: Message) -> None:
+        """Acknowledge ``message`` (with ``manual_ack``; a no-op otherwise or for QoS 0).
+
+        Call it once what the message caused is stored. A link that is gone
+        makes it a no-op: the broker sends the message again.
+        """
+        if not self.settings.manual_ack or message.qos == 0 or self._paho is None:
+            return
+        with contextlib.suppress(Exception):
+            self._paho.ack(message.mid, message.qos)
+
     def messages(self) -> AsyncIterator[Message]:
         """Every incoming message, in arrival order, across all subscriptions.
 
@@ -359,6 +379,7 @@ class MqttClient:
             protocol=MQTTProtocolVersion.MQTTv311,
             transport="websockets" if s.transport == "websockets" else "tcp",
             reconnect_on_failure=False,
+            manual_ack=s.manual_ack,
         )
         client.suppress_exceptions = True  # a bug in a callback must not kill paho's thread
         client.enable_logger(_paho_log)
@@ -435,7 +456,9 @@ class MqttClient:
                 "dropped an MQTT message from %s with a topic that is not UTF-8", self._where
             )
             return
-        incoming = Message(topic, bytes(message.payload), message.qos, bool(message.retain))
+        incoming = Message(
+            topic, bytes(message.payload), message.qos, bool(message.retain), message.mid
+        )
         self._hand_over(self._on_message, incoming)
 
     def _hand_over(self, callback: Callable[..., None], *args: Any) -> None:

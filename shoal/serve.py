@@ -107,6 +107,7 @@ async def _run(
         host=host, port=port, client_id="shoal-orchestrator", username="orchestrator",
         password=orchestrator.orchestrator_secret, tls_ca_file=tls_ca_file,
         clean_session=disconnect is not None,  # external broker: keep our queue while away
+        manual_ack=True,  # a message is acknowledged once the database holds what it caused
     )  # fmt: skip
     sessions = 0
     attempt = 0
@@ -166,6 +167,7 @@ async def _session(
         async def receiver() -> None:
             async for message in client.messages():
                 await apply(orchestrator.handle(message.topic, message.payload))
+                client.ack(message)
 
         tasks = [
             asyncio.create_task(ticker(), name="orchestrator-ticker"),
