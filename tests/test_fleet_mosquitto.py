@@ -397,11 +397,14 @@ def test_a_deployment_on_mosquitto_reaches_nodes_on_two_gateways(
             running = node.node.running
             assert running is not None and running.version == "2.0.0", name
             assert running.image_digest == imgs.new.manifest.image_digest, name
-        shown = fleet.ops("devices.show", id="gw-a")
-        assert {n["node"]: n["primary"]["version"] for n in shown["nodes"]} == {
-            "n1": "2.0.0",
-            "n2": "2.0.0",
-        }
+
+        # The gateway reports a node's inventory after its final status: wait for it.
+        def versions() -> dict[str, str] | None:
+            shown = fleet.ops("devices.show", id="gw-a")
+            found = {n["node"]: (n.get("primary") or {}).get("version") for n in shown["nodes"]}
+            return found if found == {"n1": "2.0.0", "n2": "2.0.0"} else None
+
+        assert wait_until(versions, "the inventory to show 2.0.0") == {"n1": "2.0.0", "n2": "2.0.0"}
 
 
 def test_a_broker_restart_mid_deployment_loses_nothing(tmp_path: Path, imgs: Images) -> None:
