@@ -133,6 +133,10 @@ class MqttSettings:
     #: broker's in-flight limit holds a fast sender back. Off: paho acknowledges
     #: on arrival.
     manual_ack: bool = False
+    #: Unread messages held before the client gives up and disconnects. The
+    #: orchestrator, which takes bursts of status reports from a whole fleet,
+    #: raises it (about 200 bytes of memory each).
+    max_queued_messages: int = MAX_QUEUED_MESSAGES
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -521,15 +525,16 @@ class MqttClient:
     def _on_message(self, message: Message) -> None:
         if self._failure is not None:
             return
-        if self._incoming.qsize() >= MAX_QUEUED_MESSAGES:
+        if self._incoming.qsize() >= self.settings.max_queued_messages:
             log.error(
                 "%d unread MQTT messages from %s: the consumer is too slow, disconnecting",
-                MAX_QUEUED_MESSAGES,
+                self.settings.max_queued_messages,
                 self._where,
             )
             self._fail(
                 LinkBroken(
-                    f"more than {MAX_QUEUED_MESSAGES} unread MQTT messages from {self._where}: "
+                    f"more than {self.settings.max_queued_messages} unread MQTT messages from "
+                    f"{self._where}: "
                     "the consumer fell behind and the client disconnected"
                 )
             )

@@ -46,6 +46,8 @@ from otaproto.keys import TrustedKeys
 log = logging.getLogger("shoal.serve")
 
 TICK_S = 0.05
+#: A fleet's burst of status reports waits here rather than in a reconnect loop.
+ORCHESTRATOR_QUEUE_MESSAGES = 250_000
 #: Pauses between reconnect attempts; the last one repeats.
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
@@ -108,6 +110,7 @@ async def _run(
         password=orchestrator.orchestrator_secret, tls_ca_file=tls_ca_file,
         clean_session=disconnect is not None,  # external broker: keep our queue while away
         manual_ack=True,  # a message is acknowledged once the database holds what it caused
+        max_queued_messages=ORCHESTRATOR_QUEUE_MESSAGES,
     )  # fmt: skip
     sessions = 0
     attempt = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,6 @@ from typing import Any
 
 import pytest
 
-import otaio.mqtt
 from otaio.mqtt import AuthRefused, Message, MqttClient, MqttSettings, SubscribeRefused
 from otaproto.errors import LinkBroken, LinkClosed, UsageError
 from otaproto.topics import ALL_GATEWAY_UP, Down, Up, gateway_down, gateway_up
@@ -324,11 +324,11 @@ async def test_a_refused_tcp_connection_is_link_broken() -> None:
 
 
 @async_test
-async def test_a_consumer_that_falls_behind_gets_its_messages_then_link_broken(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(otaio.mqtt, "MAX_QUEUED_MESSAGES", 5)
-    async with FakeBroker().running() as fake, MqttClient(fake_settings(fake.port)) as client:
+async def test_a_consumer_that_falls_behind_gets_its_messages_then_link_broken() -> None:
+    async with (
+        FakeBroker().running() as fake,
+        MqttClient(dataclasses.replace(fake_settings(fake.port), max_queued_messages=5)) as client,
+    ):
         fake.send(b"".join(publish_packet(f"t/{n}", b"", qos=0) for n in range(6)))
         await fake.expect(DISCONNECT)  # the client gave up on its consumer
         stream = client.messages()
