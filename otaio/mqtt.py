@@ -58,7 +58,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from otaproto.errors import LinkBroken, LinkClosed, LinkError, ShoalError, UsageError
+from otaio.mqtt_common import AuthRefused as AuthRefused
+from otaio.mqtt_common import Message as Message
+from otaio.mqtt_common import MessageStream, StreamEnd, fresh
+from otaio.mqtt_common import SubscribeRefused as SubscribeRefused
+from otaproto.errors import LinkBroken, LinkClosed, LinkError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +92,6 @@ _CLOSE_TIMEOUT_S = 5.0
 _BAD_CREDENTIALS = 134  # "Bad user name or password"
 _NOT_AUTHORIZED = 135  # "Not authorized"
 _SUBACK_FAILURE = 0x80
-
-
-class AuthRefused(LinkBroken):
-    """The broker refused our credentials (CONNACK 4 or 5); retrying with them is useless.
-
-    A :class:`LinkBroken`, so code that only reconnects on broken links still
-    stops here if it catches this first (an unknown or decommissioned device).
-    """
-
-
-class SubscribeRefused(ShoalError):
-    """The broker answered a SUBSCRIBE with 0x80: its policy said no.
-
-    Not a :class:`LinkError` (the connection stays up and usable), not
-    :class:`InvalidInput` (no bytes were bad) and not :class:`UsageError` (the
-    same filter may be fine for another account or another broker).
-    """
 
 
 @dataclass(frozen=True)
@@ -155,44 +142,6 @@ class MqttSettings:
             raise UsageError(f"MQTT transport {self.transport!r} is not one of {TRANSPORTS}")
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One incoming application message.
-
-    ``retain`` is whatever the broker set; Shoal ignores it (the embedded
-    broker sets it on messages queued while a persistent session was offline).
-    """
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    #: The packet id, for :meth:`MqttClient.ack` when ``manual_ack`` is on.
-    mid: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    error: LinkError
-
-
-class _Messages:
-    """An async iterator over the client's queue; cancelling one ``__anext__`` loses nothing."""
-
-    def __init__(self, queue: asyncio.Queue[Message | _End]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> _Messages:
-        return self
-
-    async def __anext__(self) -> Message:
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._queue.put_nowait(item)  # every reader, now or later, ends the same way
-            raise _fresh(item.error)
-        return item
-
-
 class MqttClient:
     """An asyncio MQTT 3.1.1 client over paho; see the module rules."""
 
@@ -205,7 +154,7 @@ class MqttClient:
         self._connack: asyncio.Future[None] | None = None
         self._link_down = asyncio.Event()
         # Bounded by hand (MAX_QUEUED_MESSAGES) so that the end marker always fits.
-        self._incoming: asyncio.Queue[Message | _End] = asyncio.Queue()
+        self._incoming: asyncio.Queue[Message | StreamEnd] = asyncio.Queue()
         self._publishes: dict[int, asyncio.Future[None]] = {}
         self._subscribes: dict[int, asyncio.Future[list[int]]] = {}
         self._publish_slots = asyncio.Semaphore(MAX_PENDING_PUBLISHES)
@@ -370,7 +319,7 @@ class MqttClient:
         """
         if self._paho is None:
             raise UsageError("enter the MqttClient with 'async with' before reading messages")
-        return _Messages(self._incoming)
+        return MessageStream(self._incoming)
 
     # --- paho's side: runs on paho's thread, only hands over to the event loop -----------
 
@@ -547,11 +496,11 @@ class MqttClient:
         """Record why the link ended (the first reason wins) and release every waiter."""
         if self._failure is None:
             self._failure = error
-            self._incoming.put_nowait(_End(error))
+            self._incoming.put_nowait(StreamEnd(error))
         waiters: list[asyncio.Future[Any]] = [*self._publishes.values(), *self._subscribes.values()]
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(_fresh(self._failure))
+                waiter.set_exception(fresh(self._failure))
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -559,7 +508,7 @@ class MqttClient:
         if self._paho is None:
             raise UsageError("enter the MqttClient with 'async with' before using it")
         if self._failure is not None:
-            raise _fresh(self._failure)
+            raise fresh(self._failure)
         return self._paho
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -568,7 +517,7 @@ class MqttClient:
 
     def _failure_or(self, what: str, rc: MQTTErrorCode) -> LinkError:
         if self._failure is not None:
-            return _fresh(self._failure)
+            return fresh(self._failure)
         return LinkBroken(f"{what} on MQTT broker {self._where}: {paho.error_string(rc)}")
 
     def _connect_error(self, exc: BaseException) -> BaseException:
@@ -630,11 +579,6 @@ class MqttClient:
         name = f"shoal-mqtt-{what}-{self.settings.client_id}"
         threading.Thread(target=run, name=name, daemon=True).start()
         return done
-
-
-def _fresh(error: LinkError) -> LinkError:
-    """A new exception of the same type and message, so that no two raises share a traceback."""
-    return type(error)(str(error))
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> bool:

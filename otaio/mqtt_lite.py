@@ -55,13 +55,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from otaio.mqtt_common import AuthRefused as AuthRefused
+from otaio.mqtt_common import Message as Message
+from otaio.mqtt_common import MessageStream, StreamEnd, fresh
+from otaio.mqtt_common import SubscribeRefused as SubscribeRefused
 from otaproto.errors import (
     LimitExceeded,
     LinkBroken,
     LinkClosed,
     LinkError,
     MalformedError,
-    ShoalError,
     UsageError,
 )
 
@@ -95,21 +98,6 @@ _CLOSE_TIMEOUT_S = 5.0
 _MAX_STRING_BYTES = 65_535
 
 
-class AuthRefused(LinkBroken):
-    """The broker refused our credentials (CONNACK 4 or 5); retrying with them is useless.
-
-    The same meaning as :class:`otaio.mqtt.AuthRefused` (that module imports
-    paho, so the class cannot be shared from there).
-    """
-
-
-class SubscribeRefused(ShoalError):
-    """The broker answered a SUBSCRIBE with 0x80; the connection stays usable.
-
-    The same meaning as :class:`otaio.mqtt.SubscribeRefused`.
-    """
-
-
 # --- the codec: bytes in, packets out, no I/O ------------------------------------------------
 
 
@@ -120,16 +108,6 @@ class Packet:
     type: int
     flags: int
     body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One incoming application message (``retain`` as the broker set it; Shoal ignores it)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,28 +351,6 @@ class LiteSettings:
             check_topic(self.will_topic)
 
 
-@dataclass(frozen=True, slots=True)
-class _End:
-    error: LinkError
-
-
-class _Messages:
-    """An async iterator over the client's queue; cancelling one ``__anext__`` loses nothing."""
-
-    def __init__(self, queue: asyncio.Queue[Message | _End]) -> None:
-        self._queue = queue
-
-    def __aiter__(self) -> _Messages:
-        return self
-
-    async def __anext__(self) -> Message:
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._queue.put_nowait(item)  # every reader, now or later, ends the same way
-            raise _fresh(item.error)
-        return item
-
-
 class LiteClient:
     """One MQTT 3.1.1 connection on asyncio streams, used as ``async with``; see the rules."""
 
@@ -410,7 +366,7 @@ class LiteClient:
         self._pings: list[asyncio.Future[None]] = []
         self._decoder = PacketDecoder(settings.max_packet_bytes)
         # Bounded by hand (max_queued_messages) so that the end marker always fits.
-        self._incoming: asyncio.Queue[Message | _End] = asyncio.Queue()
+        self._incoming: asyncio.Queue[Message | StreamEnd] = asyncio.Queue()
         self._publishes: dict[int, asyncio.Future[None]] = {}
         self._subscribes: dict[int, asyncio.Future[list[int]]] = {}
         self._publish_slots = asyncio.Semaphore(MAX_PENDING_PUBLISHES)
@@ -447,11 +403,11 @@ class LiteClient:
             self._give_up(
                 LinkBroken(f"no CONNACK from MQTT broker {self._where} within {timeout_s:g} s")
             )
-            raise _fresh(self._failure_or_closed()) from exc
+            raise fresh(self._failure_or_closed()) from exc
         except OSError as exc:
             why = _reason(exc)
             self._give_up(LinkBroken(f"cannot connect to MQTT broker {self._where}: {why}"))
-            raise _fresh(self._failure_or_closed()) from exc
+            raise fresh(self._failure_or_closed()) from exc
         except LinkError as exc:
             self._give_up(exc)
             raise
@@ -462,14 +418,14 @@ class LiteClient:
             code = parse_connack(packet)
         except MalformedError as exc:
             self._give_up(LinkBroken(f"MQTT broker {self._where} answered CONNECT badly: {exc}"))
-            raise _fresh(self._failure_or_closed()) from exc
+            raise fresh(self._failure_or_closed()) from exc
         if code != 0:
             why = _CONNACK_REASONS.get(code, f"return code {code}")
             user = s.username
             text = f"MQTT broker {self._where} refused the connection of {user!r}: {why}"
             refusal = AuthRefused(text) if code in (_BAD_CREDENTIALS, _NOT_AUTHORIZED) else None
             self._give_up(refusal or LinkBroken(text))
-            raise _fresh(self._failure_or_closed())
+            raise fresh(self._failure_or_closed())
         self._reader_task = asyncio.create_task(
             self._read_loop(), name=f"mqtt-lite-reader-{s.client_id}"
         )
@@ -622,7 +578,7 @@ class LiteClient:
         """
         if not self._entered:
             raise UsageError("enter the LiteClient with 'async with' before reading messages")
-        return _Messages(self._incoming)
+        return MessageStream(self._incoming)
 
     # --- the reading side -----------------------------------------------------------------
 
@@ -735,7 +691,7 @@ class LiteClient:
         if not self._entered:
             raise UsageError("enter the LiteClient with 'async with' before using it")
         if self._failure is not None:
-            raise _fresh(self._failure)
+            raise fresh(self._failure)
         assert self._writer is not None
         return self._writer
 
@@ -752,23 +708,23 @@ class LiteClient:
             await writer.drain()
         except (OSError, RuntimeError) as exc:
             self._fail(LinkBroken(f"MQTT connection to {self._where} was lost: {_reason(exc)}"))
-            raise _fresh(self._failure_or_closed()) from exc
+            raise fresh(self._failure_or_closed()) from exc
 
     def _fail(self, error: LinkError) -> None:
         """Record why the link ended (the first reason wins) and release every waiter."""
         if self._failure is None:
             self._failure = error
-            self._incoming.put_nowait(_End(error))
+            self._incoming.put_nowait(StreamEnd(error))
             if self._keepalive is not None:
                 self._keepalive.cancel()
         failure = self._failure
         waiters: list[asyncio.Future[None]] = [*self._publishes.values(), *self._pings]
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(_fresh(failure))
+                waiter.set_exception(fresh(failure))
         for suback in self._subscribes.values():
             if not suback.done():
-                suback.set_exception(_fresh(failure))
+                suback.set_exception(fresh(failure))
 
     def _give_up(self, error: LinkError) -> None:
         """A connect that failed: record why and drop the socket, if any."""
@@ -786,11 +742,6 @@ class LiteClient:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-def _fresh(error: LinkError) -> LinkError:
-    """A new exception of the same type and message, so that no two raises share a traceback."""
-    return type(error)(str(error))
 
 
 def _reason(exc: BaseException) -> str:
