@@ -29,6 +29,7 @@ from mcu_firmware_stub.flash import Flash, FlashFaults, FlashTiming
 from otaio.serial_link import Link
 from otaproto import nodelink as nl
 from otaproto.artifact import VerifiedArtifact
+from otaproto.errors import UsageError
 from otaproto.framing import Frame, FrameDecoder, encode_frame
 from otaproto.keys import TrustedKeys
 from otaproto.manifest import Manifest
@@ -215,3 +216,35 @@ class SimulatedNode:
     def close(self) -> None:
         """Close the flash file."""
         self.flash.close()
+
+
+class NodeThread:
+    """A :class:`SimulatedNode` serving ``link`` from its own thread, until :meth:`stop`.
+
+    For the demo and tests, where the gateway runs in the same process. An
+    exception that ends the node (a :class:`PowerCut`, a broken link) is kept in
+    :attr:`error` rather than lost with the thread.
+    """
+
+    def __init__(self, node: SimulatedNode, link: Link, *, name: str = "simulated-node") -> None:
+        self.node = node
+        self.link = link
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.node.run(self.link, self._stop)
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop serving, then close the link and the flash. Raises UsageError if it hangs."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            raise UsageError(f"simulated node did not stop within {timeout_s:g} s")
+        self.link.close()
+        self.node.close()

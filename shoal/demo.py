@@ -23,7 +23,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from gateway_proxy.agent import GatewayAgent
 from gateway_proxy.config import GatewayConfig, NodePort
 from gateway_proxy.service import run_gateway
 from mcu_firmware_stub.flash import FlashTiming
-from mcu_firmware_stub.node import NodeConfig, SimulatedNode
+from mcu_firmware_stub.node import NodeConfig, NodeThread, SimulatedNode
 from otaio.serial_link import SerialLink
 from otaio.wire import PacedWire, WireConfig
 from otaproto.artifact import build_delta_artifact, build_full_artifact, verify_artifact
@@ -125,30 +124,17 @@ def build_images(workdir: Path, image_size: int | None) -> tuple[bytes, bytes, s
     return v1, evolve(v1, seed=2, insert_bytes=512)[:size], f"{size // 1024} KiB code-like image"
 
 
-class _NodeRunner:
+class _NodeRunner(NodeThread):
     """A simulated node on the far end of a paced pty pair."""
 
     def __init__(self, config: NodeConfig, initial: Any, baud: int) -> None:
         self.wire = PacedWire(WireConfig(baud=baud))
         self.wire.start()
-        self.node = SimulatedNode(config, initial=initial)
-        self.link = SerialLink(self.wire.b_path, baud=baud)
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="demo-node", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.node.run(self.link, self._stop)
-        except BaseException as exc:
-            self.error = exc
+        link = SerialLink(self.wire.b_path, baud=baud)
+        super().__init__(SimulatedNode(config, initial=initial), link, name="demo-node")
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.link.close()
-        self.node.close()
+        self.stop()
         self.wire.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import cbor2
 
 from mcu_firmware_stub.flash import FlashFaults, FlashTiming
 from mcu_firmware_stub.node import NodeConfig, SimulatedNode
+from mcu_firmware_stub.node import NodeThread as ServingNode
 from otaio.serial_link import PtyLink
 from otaproto import cbor
 from otaproto.artifact import VerifiedArtifact, build_full_artifact, verify_artifact
@@ -61,30 +61,13 @@ def node_config(state: Path, **overrides: object) -> NodeConfig:
     return NodeConfig(**values)  # type: ignore[arg-type]
 
 
-class NodeThread:
-    """A SimulatedNode serving a new pty from a thread; ``path`` is the gateway's end."""
+class NodeThread(ServingNode):
+    """A simulated node on a new pty, served from a thread; ``path`` is the gateway's end."""
 
     def __init__(self, node: SimulatedNode) -> None:
-        self.node = node
-        self.link = PtyLink()
-        self.path = self.link.path
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="simulated-node", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.node.run(self.link, self._stop)
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive(), "node thread did not stop"
-        self.link.close()
-        self.node.close()
+        link = PtyLink()
+        self.path = link.path
+        super().__init__(node, link)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from broker.mosquitto import Account, write_mosquitto_config
 from gateway_proxy.agent import GatewayAgent
 from gateway_proxy.config import GatewayConfig, NodePort
 from gateway_proxy.service import run_gateway
+from mcu_firmware_stub.node import NodeThread as ServingNode
 from mcu_firmware_stub.node import SimulatedNode
 from orchestrator.core import Orchestrator
 from otaio.mqtt import AuthRefused, Message, MqttClient, MqttSettings, SubscribeRefused
@@ -203,33 +204,18 @@ class NodeLike(Protocol):
     def stop(self) -> None: ...
 
 
-class PacedNode:
+class PacedNode(ServingNode):
     """A SimulatedNode behind a pacing relay at ``baud``: the gateway opens ``path``."""
 
     def __init__(self, node: SimulatedNode, baud: int) -> None:
-        self.node = node
         self.wire = PacedWire(WireConfig(baud=baud))
         self.wire.start()
         self.path = self.wire.a_path
-        self.link = SerialLink(self.wire.b_path, baud=baud)
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="paced-node", daemon=True)
-        self._thread.start()
+        super().__init__(node, SerialLink(self.wire.b_path, baud=baud), name="paced-node")
 
-    def _run(self) -> None:
-        try:
-            self.node.run(self.link, self._stop)
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive(), "node thread did not stop"
-        self.link.close()
+    def stop(self, timeout_s: float = 10.0) -> None:
+        super().stop(timeout_s)
         self.wire.close()
-        self.node.close()
 
 
 async def _try_login(settings: MqttSettings) -> bool:
