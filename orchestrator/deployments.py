@@ -31,6 +31,10 @@ Rules (architecture.md §State machines; ``docs/topics.md`` §Gateway messages):
   ``aborted`` back to ``pending``.
 * Every accepted move is a row in ``events`` (deployment, gateway, node, at,
   state, detail JSON), written in the same transaction as the move.
+* ``deferred`` is a gateway's word for "a state hook asked to try later":
+  nothing was written to the node for the phase it held back, and any active
+  state may follow it (the gateway retries on its own, a bounded number of
+  times).
 * ``timed_out`` is the orchestrator's: a rollout's per-state timeout fired
   (:mod:`orchestrator.rollouts`). A retry (``failed`` or ``timed_out`` ->
   ``pending``) starts a new *attempt*: the node's status numbering restarts
@@ -84,6 +88,7 @@ class DeploymentState(StrEnum):
 
     PENDING = "pending"
     OFFERED = "offered"
+    DEFERRED = "deferred"
     DOWNLOADING = "downloading"
     DOWNLOADED = "downloaded"
     FLASHING = "flashing"
@@ -103,7 +108,7 @@ S = DeploymentState
 
 #: States in which the node's deployment is still running (in path order).
 ACTIVE: tuple[DeploymentState, ...] = (
-    S.PENDING, S.OFFERED, S.DOWNLOADING, S.DOWNLOADED,
+    S.PENDING, S.OFFERED, S.DEFERRED, S.DOWNLOADING, S.DOWNLOADED,
     S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING,
 )  # fmt: skip
 FINAL = frozenset(S) - frozenset(ACTIVE)
@@ -112,22 +117,25 @@ _ACTIVE_JSON = json.dumps([str(s) for s in ACTIVE])
 _DOWNLOAD = frozenset({S.DOWNLOADING, S.DOWNLOADED})  # the gateway fetches and rebuilds
 _INSTALL = frozenset({S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING})  # serial + boot
 _QUEUED = frozenset({S.PENDING, S.OFFERED})  # the orchestrator's, before the gateway reports
+_HELD = frozenset({S.DEFERRED})  # a gateway's state hook asked to retry later
 _ENDINGS = frozenset({S.SUCCEEDED, S.FAILED, S.ROLLED_BACK, S.SKIPPED, S.ABORTED})
 _ENDS = _ENDINGS | {S.TIMED_OUT}  # reported by the gateway, or a timeout
 
 #: Allowed moves: state -> the states it may go to next.
 TRANSITIONS: Mapping[DeploymentState, frozenset[DeploymentState]] = {
     # acked, or the gateway's reports overtook a lost ack
-    S.PENDING: frozenset({S.OFFERED}) | _DOWNLOAD | _INSTALL | _ENDS,
-    S.OFFERED: _DOWNLOAD | _INSTALL | _ENDS,
+    S.PENDING: frozenset({S.OFFERED}) | _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    S.OFFERED: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    # a hook deferred the next phase; the gateway tries again later (it caps the tries)
+    S.DEFERRED: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
     # progress repeats a state; a download that failed its digest check starts again
-    S.DOWNLOADING: _DOWNLOAD | _INSTALL | _ENDS,
-    S.DOWNLOADED: _DOWNLOAD | _INSTALL | _ENDS,
+    S.DOWNLOADING: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    S.DOWNLOADED: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
     # a restarted gateway resumes from its download; the serial transfer restarts at HELLO
-    S.FLASHING: _DOWNLOAD | _INSTALL | _ENDS,
-    S.VERIFYING: _DOWNLOAD | _INSTALL | _ENDS,
-    S.REBOOTING: _DOWNLOAD | _INSTALL | _ENDS,
-    S.CONFIRMING: _DOWNLOAD | _INSTALL | _ENDS,
+    S.FLASHING: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    S.VERIFYING: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    S.REBOOTING: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
+    S.CONFIRMING: _HELD | _DOWNLOAD | _INSTALL | _ENDS,
     # final; a retry (a rollout's, for failed and timed_out) goes back to pending
     S.SUCCEEDED: frozenset(),
     S.FAILED: frozenset({S.PENDING}),
@@ -156,6 +164,7 @@ RETRY_RULES: tuple[tuple[str, str, bool], ...] = (
 
 #: The gateway's words in STATUS ``state`` -> the state they move the node to.
 REPORTED: Mapping[str, DeploymentState] = {
+    "deferred": S.DEFERRED,
     "downloading": S.DOWNLOADING,
     "downloaded": S.DOWNLOADED,
     "flashing": S.FLASHING,
@@ -226,7 +235,7 @@ DIAGRAM_BOXES = (
     diagrams.Box(
         "active",
         boxes=(
-            diagrams.Box("queued", tuple(str(s) for s in ACTIVE if s in _QUEUED)),
+            diagrams.Box("queued", tuple(str(s) for s in ACTIVE if s in _QUEUED | _HELD)),
             diagrams.Box("download", tuple(str(s) for s in ACTIVE if s in _DOWNLOAD)),
             diagrams.Box("install", tuple(str(s) for s in ACTIVE if s in _INSTALL)),
         ),

@@ -194,6 +194,8 @@ class Timeouts:
 
     pending: float = 600.0  #: the gateway has not taken the command (offline?)
     offered: float = 600.0  #: taken, but no word since
+    #: a gateway's state hook keeps asking to retry later (the gateway caps its tries too)
+    deferred: float = 3600.0
     downloading: float = 1800.0
     downloaded: float = 600.0
     flashing: float = 1800.0
