@@ -1,10 +1,10 @@
-"""The gateway agent's core: commands in, blocks fetched, nodes flashed, status out.
+"""The gateway agent's core: commands in, blocks fetched, nodes updated, status out.
 
-Rules (spec: ``docs/topics.md`` §Gateway):
+Rules (spec: ``docs/topics.md`` §Gateway, ``docs/drivers-and-hooks.md``):
 
 * No MQTT here: :meth:`GatewayAgent.handle` takes one message (topic, bytes)
   and returns the messages to publish; :meth:`GatewayAgent.tick` does the same
-  for timers and for news from the flashing threads. The service in
+  for timers and for news from the job workers. The service in
   :mod:`gateway_proxy.service` only moves them.
 * Commands are handled at most once: the highest command ``seq`` handled is
   persisted with the jobs, every command is acknowledged (again, if repeated),
@@ -15,16 +15,29 @@ Rules (spec: ``docs/topics.md`` §Gateway):
   leave the node's deployment running forever; so the newest final reports
   are kept (on disk) and repeated after every (re)connect. The orchestrator
   ignores a status number it has already seen.
-* Everything a restart needs is on disk (``data_dir``): the jobs and their
-  status sequence numbers (``agent.cbor``, written atomically), the downloads
-  with their block bitmaps (:mod:`gateway_proxy.downloads`), and the images
-  flashed to nodes (``images/<sha256>.bin``), which are the bases of deltas.
+* Everything a restart needs is on disk (``data_dir``): the jobs, their status
+  sequence numbers and their hooks' retry counts (``agent.cbor``, written
+  atomically), the downloads with their block bitmaps
+  (:mod:`gateway_proxy.downloads`), and the images flashed to nodes
+  (``images/<sha256>.bin``), which are the bases of deltas. A restarted job
+  starts again at Download_Enter; its download resumes from disk, and the
+  node resumes the transfer at its own offset.
 * A delta is rebuilt from the image the gateway last flashed with that digest;
   without it the job switches to the full artifact the command also names.
 * The artifact is verified (signature, digest, device type) before anything is
   rebuilt or flashed; the node verifies again itself.
-* One job per node at a time; nodes on different ports flash in parallel
-  threads, and one node's failure never stops another's job.
+* Each job runs in a worker thread of its own, one per node at a time: state
+  hooks (:mod:`gateway_proxy.hooks`) at every phase boundary, then the node's
+  driver (:mod:`gateway_proxy.drivers`). Blocks are fetched in the message
+  loop once the job's Download_Enter hooks passed, and handed to the worker
+  when the download is complete. Hooks never run in the message loop.
+* A hook that asks to retry later holds its job: the job reports ``deferred``
+  with the hook's name, the attempt and the delay, and nothing of that phase
+  reaches the node until the hooks pass. A job may be cancelled while it has
+  not written to its node (download, or held at Flash_Enter); after that, it
+  runs to its end.
+* Nodes on different ports are updated in parallel, and one node's failure
+  (a broken third-party driver included) never stops another's job.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,20 +56,31 @@ from typing import Any
 
 from gateway_proxy.config import GatewayConfig, NodePort
 from gateway_proxy.downloads import Download
-from gateway_proxy.serial_driver import FlashReport, Progress, config_for_baud, flash_node
+from gateway_proxy.drivers import (
+    DriverLoadError,
+    DriverNotFound,
+    DriverOptionError,
+    HookFailed,
+    InstallProgress,
+    NodeDriver,
+    NodeInventory,
+    Phase,
+    ProgressFn,
+    UpdateCancelled,
+    When,
+    make_driver,
+)
+from gateway_proxy.hooks import HookRunner, Verdict, find_hooks, hook_name, last_line, survey
 from otaio.files import write_atomic
-from otaio.serial_link import SerialLink
 from otaproto import cbor, fleet
-from otaproto import nodelink as nl
 from otaproto import topics as t
 from otaproto.artifact import VerifiedArtifact, verify_artifact
-from otaproto.errors import InvalidInput, LinkError, ShoalError
+from otaproto.errors import InvalidInput, ShoalError
 from otaproto.keys import TrustedKeys
-from otaproto.node_sender import UpdateState
 
 log = logging.getLogger("shoal.gateway")
 
-AGENT_VERSION = "shoal-gateway 0.1"
+AGENT_VERSION = "shoal-gateway 0.2"
 FETCH_RETRY_S = 5.0
 #: While a node is being flashed, how often its progress is reported.
 PROGRESS_REPORT_S = 1.0
@@ -63,55 +88,23 @@ STATE_FILE = "agent.cbor"
 #: Final reports repeated after each (re)connect: the newest this many.
 RESENT_FINAL_REPORTS = 32
 MAX_STATE_BYTES = 4 * 1024 * 1024
-
-#: How a finished node update is reported as a deployment state.
-FINAL_STATES = {
-    UpdateState.SUCCEEDED: "succeeded",
-    UpdateState.ROLLED_BACK: "rolled_back",
-    UpdateState.ALREADY_INSTALLED: "already_installed",
-    UpdateState.REJECTED: "rejected",
-    UpdateState.FAILED: "failed",
-    UpdateState.VERIFIED: "succeeded",
-}
-#: How a running node update is reported while it runs.
-RUNNING_STATES = {
-    UpdateState.HELLO: "flashing",
-    UpdateState.BEGIN: "flashing",
-    UpdateState.SENDING: "flashing",
-    UpdateState.PROBING: "flashing",
-    UpdateState.FINISHING: "verifying",
-    UpdateState.TEST_BOOT: "rebooting",
-    UpdateState.REBOOTING: "rebooting",
-}
+#: STATUS ``reason`` is at most this long (``docs/topics.md``: longtext, 4096 bytes).
+MAX_REASON_BYTES = 4000
 
 Outgoing = tuple[str, bytes]
-FlashFn = Callable[[NodePort, VerifiedArtifact, bytes, Callable[[Progress], None]], FlashReport]
-InfoFn = Callable[[NodePort], nl.Info]
+DriverFactory = Callable[[NodePort], NodeDriver]
 
 
-def serial_flash(
-    node: NodePort, artifact: VerifiedArtifact, image: bytes, progress: Callable[[Progress], None]
-) -> FlashReport:
-    """Flash one node with Shoal's serial protocol (the ``shoal-serial`` driver)."""
-    return flash_node(
-        lambda: SerialLink(node.port, baud=node.baud),
-        artifact,
-        image,
-        config=config_for_baud(node.baud),
-        progress=progress,
-    )
-
-
-def serial_info(node: NodePort) -> nl.Info:
-    """Ask one node for its INFO over its serial port."""
-    from gateway_proxy.serial_driver import query_info
-
-    return query_info(lambda: SerialLink(node.port, baud=node.baud))
+class _Refused(InvalidInput):
+    """The downloaded artifact failed the gateway's checks."""
 
 
 @dataclass
 class Job:
-    """One node's part of one deployment, as this gateway runs it."""
+    """One node's part of one deployment, as this gateway runs it.
+
+    The first fields are persisted; the rest live with the worker thread.
+    """
 
     deployment: str
     node: str
@@ -121,8 +114,24 @@ class Job:
     status_seq: int = 0
     reason: str = ""
     mqtt_bytes: int = 0
-    last_fetch_s: float = 0.0
+    #: Boundary (``Flash_Enter``) -> hook runs that asked to retry later, so far.
+    hook_attempts: dict[str, int] = field(default_factory=dict)
+    last_fetch_s: float = field(default=0.0, compare=False)
+    #: A worker thread runs this job.
+    worker: bool = field(default=False, compare=False)
+    #: Download_Enter passed (or there are no such hooks): the download may run.
+    download_open: bool = field(default=False, compare=False)
+    #: The message loop fetches blocks for this job (until they are all here).
+    fetching: bool = field(default=False, compare=False)
+    #: The job may write to its node now: cancelling is no longer possible.
     flashing: bool = field(default=False, compare=False)
+    #: The state reported before the current deferral, reported again when it ends.
+    resume_state: str = field(default="", compare=False)
+    #: The downloaded artifact (or why there is none; None: cancelled), for the worker.
+    inbox: queue.Queue[bytes | Exception | None] = field(
+        default_factory=queue.Queue, compare=False, repr=False
+    )
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -133,46 +142,79 @@ class Job:
             "deployment": self.deployment, "node": self.node, "artifact": self.artifact.to_map(),
             "full": self.full.to_map() if self.full else None, "state": self.state,
             "status_seq": self.status_seq, "reason": self.reason, "mqtt_bytes": self.mqtt_bytes,
+            "hook_attempts": dict(self.hook_attempts),
         }  # fmt: skip
 
     @classmethod
     def from_map(cls, raw: dict[str, Any]) -> Job:
+        attempts = raw.get("hook_attempts") or {}
+        if not isinstance(attempts, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in attempts.items()
+        ):
+            raise TypeError("hook_attempts must map boundary names to counts")
         return cls(
             raw["deployment"], raw["node"], fleet.ArtifactRef.from_map(raw["artifact"], "artifact"),
             fleet.ArtifactRef.from_map(raw["full"], "full") if raw.get("full") else None,
             raw["state"], raw["status_seq"], raw.get("reason", ""), raw.get("mqtt_bytes", 0),
+            dict(attempts),
         )  # fmt: skip
 
 
 class GatewayAgent:
-    """The gateway's decisions; see the module rules."""
+    """The gateway's decisions; see the module rules.
+
+    ``drivers`` makes the driver of a node from its configuration (tests pass
+    their own); drivers are made on first use and kept.
+    """
 
     def __init__(
         self,
         config: GatewayConfig,
         trusted: TrustedKeys,
         *,
-        flash: FlashFn = serial_flash,
-        info: InfoFn = serial_info,
+        drivers: DriverFactory = make_driver,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.trusted = trusted
-        self._flash = flash
-        self._info = info
+        self._make_driver = drivers
         self._clock = clock
         self._nodes = {n.name: n for n in config.nodes}
+        self._drivers: dict[str, NodeDriver | InvalidInput] = {}
+        self._drivers_lock = threading.Lock()
+        #: Held by whoever talks to a node: a job's driver, or the inventory.
+        self._node_locks = {name: threading.Lock() for name in self._nodes}
+        self._busy_nodes: set[str] = set()
         self._device_types: dict[str, str] = {}
+        self._hooks = HookRunner(config.hooks)
         self._data = config.data_dir
         self._data.mkdir(parents=True, exist_ok=True)
         (self._data / "images").mkdir(exist_ok=True)
         self._downloads: dict[bytes, Download] = {}
         self._news: queue.Queue[Outgoing] = queue.Queue()
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.handled_seq = 0
         self.jobs: dict[str, Job] = {}
         self._finals: list[bytes] = []  #: STATUS payloads, oldest first
         self._load()
+        if config.hooks.folder is not None:
+            found, problems = survey(config.hooks.folder)
+            log.info("hooks in %s: %s", config.hooks.folder, ", ".join(found) or "none")
+            for problem in problems:
+                log.warning("hooks: %s", problem)
+
+    def close(self) -> None:
+        """Stop the workers that wait (for blocks, or to retry a hook); jobs stay on disk.
+
+        A worker that is writing to its node finishes first; it is a daemon
+        thread and ends with the process otherwise.
+        """
+        self._closing.set()
+        with self._lock:
+            for job in self.jobs.values():
+                job.cancelled.set()
+                job.inbox.put(None)
 
     # -- topics --------------------------------------------------------------
 
@@ -204,31 +246,60 @@ class GatewayAgent:
             *finals,
         ]
 
+    # -- drivers and inventory -----------------------------------------------------
+
+    def driver(self, name: str) -> NodeDriver:
+        """The driver of node ``name``, made on first use.
+
+        Raises the InvalidInput of a driver that cannot be had (not registered,
+        does not import, bad options), every time it is asked for.
+        """
+        node = self._nodes[name]
+        with self._drivers_lock:
+            made = self._drivers.get(name)
+            if made is None:
+                try:
+                    made = self._make_driver(node)
+                except InvalidInput as exc:
+                    log.error("node %s: %s", name, exc)
+                    made = exc
+                self._drivers[name] = made
+        if isinstance(made, InvalidInput):
+            raise made
+        return made
+
     def inventory(self, only: str | None = None) -> Outgoing:
-        """Ask each node (or one) for its INFO and report them all. Blocks on serial I/O."""
+        """Ask each node (or one) what it runs, through its driver. Blocks on node I/O.
+
+        A node busy with an update is skipped (its job reports it afterwards).
+        """
         reports: list[dict[str, Any]] = []
-        for name, node in sorted(self._nodes.items()):
+        for name in sorted(self._nodes):
             if only is not None and name != only:
                 continue
-            with self._lock:
-                busy = any(j.flashing for j in self.jobs.values() if j.node == name)
-            if busy:
+            lock = self._node_locks[name]
+            if not lock.acquire(blocking=False):
                 continue
             try:
-                info = self._info(node)
-            except (ShoalError, OSError) as exc:
-                reports.append({"node": name, "error": str(exc)[:4000]})
-                continue
-            self._device_types[name] = info.device_type
-            primary = info.primary
-            reports.append({
-                "node": name, "device_type": info.device_type, "boot_state": info.boot_state,
-                "primary": None if primary is None else {
-                    "version": primary.version, "sequence": primary.sequence,
-                    "digest": primary.image_digest, "size": primary.image_size,
-                },
-            })  # fmt: skip
+                reports.append(self._node_report(name))
+            finally:
+                lock.release()
         return self._up(t.Up.INVENTORY), fleet.encode_map({"nodes": reports})
+
+    def _node_report(self, name: str) -> dict[str, Any]:
+        try:
+            found = self.driver(name).inventory()
+        except (ShoalError, OSError) as exc:
+            return {"node": name, "error": _bounded(str(exc))}
+        except Exception as exc:  # a third-party driver's bug stays in its node's report
+            log.exception("node %s: inventory failed", name)
+            return {"node": name, "error": _bounded(f"driver crashed: {type(exc).__name__}: {exc}")}
+        if found.device_type:
+            self._device_types[name] = found.device_type
+        return {
+            "node": name, "device_type": found.device_type or None,
+            "boot_state": found.boot_state or None, "primary": _slot(found),
+        }  # fmt: skip
 
     # -- messages --------------------------------------------------------------
 
@@ -242,7 +313,8 @@ class GatewayAgent:
             if parsed.kind == t.Down.COMMAND:
                 return self._command(payload)
             if parsed.kind == t.Down.BLOCK:
-                return self._block(payload)
+                with self._lock:
+                    return self._block(payload)
             if parsed.kind == t.Down.ERROR:
                 error = fleet.decode_map(payload, fleet.ERROR, "error")
                 log.warning("orchestrator refused %s: %s", error["topic"], error["reason"])
@@ -279,6 +351,8 @@ class GatewayAgent:
             elif cmd["type"] == "cancel":
                 job_or_none = self.jobs.get(key)
                 if job_or_none is not None and not job_or_none.flashing:
+                    job_or_none.cancelled.set()
+                    job_or_none.inbox.put(None)
                     out.append(self._final(job_or_none, "aborted", "cancelled"))
             else:
                 raise InvalidInput(f"unknown command type {cmd['type']!r}")
@@ -318,10 +392,7 @@ class GatewayAgent:
         return ref
 
     def _jobs_fetching(self, digest: bytes) -> list[Job]:
-        return [
-            j for j in self.jobs.values()
-            if j.state == "downloading" and self._wanted(j).digest == digest
-        ]  # fmt: skip
+        return [j for j in self.jobs.values() if j.fetching and self._wanted(j).digest == digest]
 
     def _fetch(self, download: Download, *, force: bool) -> list[Outgoing]:
         now = self._clock()
@@ -350,24 +421,119 @@ class GatewayAgent:
         return [(self._up(t.Up.FETCH), fleet.encode_map(request))]
 
     def _download_done(self, download: Download) -> list[Outgoing]:
-        out: list[Outgoing] = []
+        """Hand a complete, digest-checked artifact to the workers waiting for it.
+
+        A digest mismatch starts the download again (the fetch it returns).
+        """
         try:
             data = download.finish()
         except InvalidInput as exc:
             log.warning("%s", exc)
             return self._fetch(download, force=True)
         for job in self._jobs_fetching(download.ref.digest):
-            out.extend(self._start_flash(job, data))
+            job.fetching = False
+            job.inbox.put(data)
         # The files stay until no job needs them: a restart mid-flash flashes again
         # from them (the node resumes at its own offset) instead of fetching again.
         self._downloads.pop(download.ref.digest, None)
         download.close()
-        return out
+        return []
 
-    # -- flashing ----------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------
 
-    def _start_flash(self, job: Job, artifact_bytes: bytes) -> list[Outgoing]:
+    def _start_workers(self) -> None:
+        """One worker per node at a time (the caller holds the lock)."""
+        for job in self.jobs.values():
+            if job.worker or job.node in self._busy_nodes or job.node not in self._nodes:
+                continue
+            job.worker = True
+            self._busy_nodes.add(job.node)
+            # Without Download_Enter hooks there is nothing to wait for: fetch at once.
+            job.download_open = job.fetching = not self._has_hooks(Phase.DOWNLOAD, When.ENTER)
+            threading.Thread(
+                target=self._work, args=(job,), name=f"job-{job.node}", daemon=True
+            ).start()
+
+    def _has_hooks(self, phase: Phase, when: When) -> bool:
+        folder = self.config.hooks.folder
+        if folder is None:
+            return False
+        try:
+            return bool(find_hooks(folder, phase, when))
+        except InvalidInput:
+            return True  # the worker runs the boundary, which fails and says why
+
+    def _work(self, job: Job) -> None:
+        """One job from Download_Enter to its final report; see the module rules."""
         node = self._nodes[job.node]
+        hooks = _JobHooks(self, job, node)
+        final: tuple[str, str, int | None] | None = None
+        touched = False  #: the node may have changed: report its inventory afterwards
+        try:
+            driver = self.driver(job.node)
+            verified, image = self._download_phase(job, hooks)
+            with self._node_locks[job.node]:
+                result = driver.run_update(
+                    verified, image, hooks=hooks, progress=self._progress_for(job)
+                )
+            final = (str(result.outcome), result.reason, result.bytes_sent)
+        except UpdateCancelled:
+            final = None  # reported by the cancel (or the agent is closing)
+        except HookFailed as exc:
+            final = ("failed", str(exc), None)
+        except _Refused as exc:
+            final = ("failed", f"artifact refused by the gateway: {exc}", None)
+        except (DriverNotFound, DriverLoadError, DriverOptionError) as exc:
+            final = ("failed", f"cannot drive node {job.node}: {exc}", None)
+        except (ShoalError, OSError) as exc:
+            final = ("failed", f"flashing failed: {exc}", None)
+        except Exception as exc:  # a third-party driver's bug fails its job, not the gateway
+            log.exception("node %s: driver %s crashed", job.node, node.driver)
+            final = ("failed", f"node driver {node.driver!r} crashed: {type(exc).__name__}: {exc}",
+                     None)  # fmt: skip
+        finally:
+            with self._lock:
+                touched = job.flashing
+                job.worker = job.download_open = job.fetching = job.flashing = False
+                self._busy_nodes.discard(job.node)
+                if final is not None and self.jobs.get(job.key) is job:
+                    state, reason, sent = final
+                    self._news.put(self._final(job, state, reason, serial_bytes=sent))
+        if touched and final is not None:
+            with contextlib.suppress(Exception):
+                self._news.put(self.inventory(only=job.node))
+
+    def _download_phase(self, job: Job, hooks: _JobHooks) -> tuple[VerifiedArtifact, bytes]:
+        """Download_Enter, the fetch (done by the message loop), checks, Download_Leave.
+
+        Raises _Refused for an artifact that fails verification, HookFailed,
+        UpdateCancelled.
+        """
+        try:
+            if not job.download_open:
+                hooks.enter(Phase.DOWNLOAD)
+                with self._lock:
+                    if job.cancelled.is_set():
+                        raise UpdateCancelled("cancelled")
+                    job.download_open = job.fetching = True
+            item = job.inbox.get()
+            if item is None:
+                raise UpdateCancelled("cancelled")
+            if isinstance(item, Exception):
+                raise item
+            verified, image = self._verify(job, item)
+            with self._lock:
+                if self.jobs.get(job.key) is job:
+                    self._news.put(self._status(job, "downloaded"))
+            hooks.learn(verified, image)
+            hooks.leave(Phase.DOWNLOAD)
+        except Exception as exc:
+            hooks.error(Phase.DOWNLOAD, str(exc))
+            raise
+        return verified, image
+
+    def _verify(self, job: Job, artifact_bytes: bytes) -> tuple[VerifiedArtifact, bytes]:
+        """Verify and rebuild; keep the image as a future delta base. Raises _Refused, OSError."""
         try:
             verified = verify_artifact(
                 artifact_bytes, self.trusted, device_type=self._device_types.get(job.node)
@@ -377,51 +543,66 @@ class GatewayAgent:
                 base = self._image_path(verified.manifest.base_digest).read_bytes()
             image = verified.rebuild_image(base)
         except (InvalidInput, OSError) as exc:
-            reason = f"artifact refused by the gateway: {exc}"
-            return [self._final(job, "failed", reason)]
+            raise _Refused(str(exc)) from exc
         self._image_path(verified.manifest.image_digest).write_bytes(image)
-        job.flashing = True
-        out = [self._status(job, "downloaded")]
-        threading.Thread(
-            target=self._flash_thread, args=(job, node, verified, image),
-            name=f"flash-{job.node}", daemon=True,
-        ).start()  # fmt: skip
-        return out
+        return verified, image
 
-    def _flash_thread(
-        self, job: Job, node: NodePort, verified: VerifiedArtifact, image: bytes
-    ) -> None:
+    def _progress_for(self, job: Job) -> ProgressFn:
         last: dict[str, Any] = {"state": "", "at": 0.0}
 
-        def progress(p: Progress) -> None:
+        def progress(p: InstallProgress) -> None:
             # A report on every change of state, and while flashing one a second
             # with the bytes the node has taken (for progress bars).
-            state = RUNNING_STATES.get(p.state)
-            if state is None:
-                return
             now = self._clock()
+            state = str(p.state)
             if state == last["state"] and now - last["at"] < PROGRESS_REPORT_S:
                 return
             last["state"], last["at"] = state, now
             with self._lock:
-                self._news.put(self._status(job, state, bytes_done=p.acked_bytes, total=len(image)))
+                job.flashing = True  # a driver that reports progress is at the node
+                if self.jobs.get(job.key) is job:
+                    self._news.put(
+                        self._status(job, state, bytes_done=p.bytes_done, total=p.bytes_total)
+                    )
 
-        try:
-            report = self._flash(node, verified, image, progress)
-            final, reason = FINAL_STATES.get(report.state, "failed"), report.reason
-            serial_bytes = report.data_bytes_sent
-        except (LinkError, ShoalError, OSError) as exc:
-            final, reason, serial_bytes = "failed", f"flashing failed: {exc}", 0
+        return progress
+
+    def _may_write(self, job: Job) -> None:
+        """The point of no return: from here on the job may write to its node.
+
+        Raises UpdateCancelled when a cancel came first.
+        """
         with self._lock:
-            job.flashing = False
-            self._news.put(self._final(job, final, reason, serial_bytes=serial_bytes))
-        with contextlib.suppress(Exception):
-            self._news.put(self.inventory(only=job.node))
+            if job.cancelled.is_set():
+                raise UpdateCancelled("cancelled")
+            job.flashing = True
+
+    def _defer(self, job: Job, boundary: str, attempt: int, reason: str) -> None:
+        """Record and report that a hook asked to retry ``boundary`` later."""
+        with self._lock:
+            job.hook_attempts[boundary] = attempt
+            if self.jobs.get(job.key) is not job or job.cancelled.is_set():
+                return
+            if job.state != "deferred":
+                job.resume_state = job.state
+            job.reason = reason
+            self._news.put(self._status(job, "deferred"))
+
+    def _passed(self, job: Job, boundary: str) -> None:
+        """A boundary's hooks passed: forget its retries, and report the job going on."""
+        with self._lock:
+            if job.hook_attempts.pop(boundary, None) is None:
+                return
+            if job.state == "deferred" and self.jobs.get(job.key) is job:
+                job.reason = ""
+                self._news.put(self._status(job, job.resume_state or "downloading"))
+            else:
+                self._save()
 
     # -- timers ----------------------------------------------------------------
 
     def tick(self) -> list[Outgoing]:
-        """News from flashing threads, downloads to start or re-request, jobs to resume."""
+        """News from workers, workers to start, downloads to start or re-request."""
         out: list[Outgoing] = []
         while True:
             try:
@@ -430,15 +611,21 @@ class GatewayAgent:
                 break
         now = self._clock()
         with self._lock:
+            if not self._closing.is_set():
+                self._start_workers()
             for job in list(self.jobs.values()):
-                if job.state != "downloading" or job.flashing:
-                    continue
-                if any(j.flashing for j in self.jobs.values() if j.node == job.node):
+                if not job.fetching:
                     continue
                 ref = self._wanted(job)
                 download = self._downloads.get(ref.digest)
                 if download is None:
-                    download = self._downloads[ref.digest] = Download(self._data / "downloads", ref)
+                    try:
+                        download = Download(self._data / "downloads", ref)
+                    except InvalidInput as exc:
+                        job.fetching = False
+                        job.inbox.put(_Refused(str(exc)))
+                        continue
+                    self._downloads[ref.digest] = download
                     # Blocks already on disk came over MQTT before a restart, for these jobs.
                     for fetching in self._jobs_fetching(ref.digest):
                         fetching.mqtt_bytes = max(fetching.mqtt_bytes, download.bytes_have)
@@ -467,7 +654,7 @@ class GatewayAgent:
         self._save()
         body = {
             "deployment": job.deployment, "node": job.node, "seq": job.status_seq, "state": state,
-            "bytes": bytes_done, "total": total, "reason": job.reason or None,
+            "bytes": bytes_done, "total": total, "reason": _bounded(job.reason) or None,
             "mqtt_bytes": job.mqtt_bytes, "serial_bytes": serial_bytes,
         }  # fmt: skip
         return self._up(t.Up.STATUS), fleet.encode_map(body)
@@ -515,10 +702,9 @@ class GatewayAgent:
             self._finals = [bytes(p) for p in raw.get("finals", [])][-RESENT_FINAL_REPORTS:]
             for item in raw["jobs"]:
                 job = Job.from_map(item)
-                if job.state not in ("downloading",):
-                    job.state = (
-                        "downloading"  # interrupted while flashing: fetch (resumes) and flash again
-                    )
+                # Interrupted anywhere: start again from the download (it resumes from
+                # disk); the node resumes the transfer at its own offset.
+                job.state = "downloading"
                 self.jobs[job.key] = job
         except (InvalidInput, KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"{path} is damaged: {exc}") from exc
@@ -530,3 +716,123 @@ class GatewayAgent:
     def image_digest_ok(self, digest: bytes) -> bool:
         path = self._image_path(digest)
         return path.exists() and hashlib.sha256(path.read_bytes()).digest() == digest
+
+
+class _JobHooks:
+    """The state hooks of one job: the :class:`~gateway_proxy.drivers.PhaseHooks` of its driver.
+
+    Runs in the job's worker thread. A retry-later is waited out here (on the
+    job's cancel event, so a cancel ends the wait at once), counted per
+    boundary across restarts, and capped by ``hooks.max_attempts``.
+    """
+
+    def __init__(self, agent: GatewayAgent, job: Job, node: NodePort) -> None:
+        self._agent = agent
+        self._job = job
+        self._node = node
+        self._facts = {
+            "SHOAL_ARTIFACT_NAME": "", "SHOAL_ARTIFACT_VERSION": "",
+            "SHOAL_ARTIFACT_SEQUENCE": "", "SHOAL_IMAGE_SHA256": "", "SHOAL_IMAGE_BYTES": "",
+        }  # fmt: skip
+
+    def learn(self, verified: VerifiedArtifact, image: bytes) -> None:
+        """The artifact's facts, for the hooks from Download_Leave on."""
+        m = verified.manifest
+        self._facts.update({
+            "SHOAL_ARTIFACT_NAME": m.name, "SHOAL_ARTIFACT_VERSION": m.version,
+            "SHOAL_ARTIFACT_SEQUENCE": str(m.sequence),
+            "SHOAL_IMAGE_SHA256": m.image_digest.hex(), "SHOAL_IMAGE_BYTES": str(len(image)),
+        })  # fmt: skip
+
+    def environment(
+        self, phase: Phase, when: When, attempt: int, error: str = ""
+    ) -> dict[str, str]:
+        """The gateway's environment with the job's facts on top (docs/drivers-and-hooks.md)."""
+        agent, job, node = self._agent, self._job, self._node
+        env = dict(os.environ)
+        env.update(self._facts)
+        env.update({
+            "SHOAL_GATEWAY": agent.config.gateway_id, "SHOAL_DEPLOYMENT": job.deployment,
+            "SHOAL_NODE": job.node, "SHOAL_DRIVER": node.driver, "SHOAL_PORT": node.port,
+            "SHOAL_DEVICE_TYPE": agent._device_types.get(job.node, ""),
+            "SHOAL_PHASE": phase.value.lower(), "SHOAL_WHEN": when.value.lower(),
+            "SHOAL_ATTEMPT": str(attempt),
+            "SHOAL_MAX_ATTEMPTS": str(agent.config.hooks.max_attempts),
+            "SHOAL_ARTIFACT_SHA256": agent._wanted(job).digest.hex(),
+            "SHOAL_ERROR": error,
+        })  # fmt: skip
+        return env
+
+    def enter(self, phase: Phase) -> None:
+        self._boundary(phase, When.ENTER)
+        if phase is not Phase.DOWNLOAD:
+            self._agent._may_write(self._job)
+
+    def leave(self, phase: Phase) -> None:
+        self._boundary(phase, When.LEAVE)
+
+    def error(self, phase: Phase, reason: str) -> None:
+        if self._agent._closing.is_set():
+            return  # not an error: the job goes on after the restart
+        try:
+            self._agent._hooks.run_errors(phase, self.environment(phase, When.ERROR, 1, reason))
+        except Exception:  # error hooks never change the outcome
+            log.exception("node %s: %s error hooks", self._job.node, phase)
+
+    def _boundary(self, phase: Phase, when: When) -> None:
+        """Run one boundary's hooks to a pass. Raises HookFailed, UpdateCancelled."""
+        agent, job = self._agent, self._job
+        config = agent.config.hooks
+        boundary = hook_name(phase, when)
+        start = 0
+        while True:
+            if job.cancelled.is_set():
+                raise UpdateCancelled("cancelled")
+            attempt = job.hook_attempts.get(boundary, 0) + 1
+            result = agent._hooks.run(
+                phase, when, self.environment(phase, when, attempt), start=start
+            )
+            if result.verdict is Verdict.PASSED:
+                agent._passed(job, boundary)
+                return
+            if result.verdict is Verdict.FAILED:
+                raise HookFailed(result.reason)
+            said = last_line(result.output)
+            if attempt >= config.max_attempts:
+                raise HookFailed(
+                    f"hook {result.hook} asked to retry later {attempt} times, the most "
+                    f"hooks.max_attempts allows: giving up" + (f": {said}" if said else "")
+                )
+            agent._defer(
+                job, boundary, attempt,
+                f"hook {result.hook} asked to retry later (attempt {attempt} of "
+                f"{config.max_attempts}); next try in {config.retry_delay_s:g} s"
+                + (f": {said}" if said else ""),
+            )  # fmt: skip
+            start = result.index
+            if job.cancelled.wait(config.retry_delay_s):
+                raise UpdateCancelled("cancelled")
+
+
+def _slot(found: NodeInventory) -> dict[str, Any] | None:
+    """The INVENTORY ``primary`` map, when the driver knows all it needs."""
+    running = found.running
+    if (
+        running is None
+        or running.sequence is None
+        or running.image_sha256 is None
+        or running.image_bytes is None
+    ):
+        return None
+    return {
+        "version": running.version, "sequence": running.sequence,
+        "digest": running.image_sha256, "size": running.image_bytes,
+    }  # fmt: skip
+
+
+def _bounded(reason: str) -> str:
+    """A reason cut to what a STATUS carries, keeping its start (which names the cause)."""
+    data = reason.encode()
+    if len(data) <= MAX_REASON_BYTES:
+        return reason
+    return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."

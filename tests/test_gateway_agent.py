@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from gateway_proxy.agent import GatewayAgent
 from gateway_proxy.config import GatewayConfig, NodePort
+from gateway_proxy.hooks import HooksConfig
 from mcu_firmware_stub.node import SimulatedNode
 from otaproto import fleet
 from otaproto import topics as t
@@ -221,3 +224,292 @@ def test_garbage_on_every_down_topic_changes_nothing(
     assert agent.handle(f"shoal/v1/gw/{GW}/down/{kind}", payload) == []
     assert (agent.handled_seq, dict(agent.jobs)) == before
     assert agent.handle(f"shoal/v1/gw/other/down/{kind}", payload) == []
+
+
+# -- state hooks: real executables in a hooks folder, a real node on a pty ----------------
+
+FINAL_WORDS = {"succeeded", "failed", "rolled_back", "already_installed", "rejected", "aborted"}
+BOUNDARIES = [
+    f"{phase}_{when}"
+    for phase in ("Download", "Flash", "Reboot", "Commit")
+    for when in ("Enter", "Leave")
+]
+
+
+class CountingNode(SimulatedNode):
+    """A simulated node that counts every byte the gateway sends it."""
+
+    received_bytes = 0
+
+    def handle_bytes(self, data: bytes) -> Iterator[bytes]:
+        self.received_bytes += len(data)
+        yield from super().handle_bytes(data)
+
+
+@pytest.fixture
+def counted(tmp_path: Path, imgs: Images) -> Iterator[NodeThread]:
+    thread = NodeThread(CountingNode(node_config(tmp_path / "node"), initial=imgs.old))
+    yield thread
+    thread.stop()
+
+
+def write_hook(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+@contextmanager
+def hooked_agent(tmp_path: Path, node: NodeThread, hooks: HooksConfig) -> Iterator[GatewayAgent]:
+    config = GatewayConfig(
+        gateway_id=GW, data_dir=tmp_path / "gw", trust=(), mqtt_host="-", mqtt_port=1,
+        password="-", nodes=(NodePort("n1", node.path, 2_000_000),), hooks=hooks,
+    )  # fmt: skip
+    agent = GatewayAgent(config, TRUST)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def run_until(
+    agent: GatewayAgent, orchestra: Orchestra, done: Callable[[], bool], timeout_s: float = 60
+) -> None:
+    """Tick the agent and answer it until ``done()``, pacing on an event."""
+    pace = threading.Event()
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting; statuses: {orchestra.status}")
+        orchestra.answer(agent.tick(), agent)
+        pace.wait(0.02)
+
+
+def deploy(agent: GatewayAgent, orchestra: Orchestra, tmp_path: Path, imgs: Images) -> None:
+    new = full_bytes(artifact_file(tmp_path, imgs.new, "v2.art"))
+    orchestra.answer(
+        agent.handle(*orchestra.command(deployment="d1", node="n1", artifact=orchestra.ref(new))),
+        agent,
+    )
+
+
+def states(orchestra: Orchestra) -> list[str]:
+    return [str(s["state"]) for s in orchestra.status]
+
+
+def finished(orchestra: Orchestra) -> bool:
+    return bool(orchestra.status) and orchestra.final()["state"] in FINAL_WORDS
+
+
+def test_a_hook_asking_to_retry_later_holds_the_flash_until_it_passes(
+    tmp_path: Path, imgs: Images, counted: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    flag = tmp_path / "charged"
+    write_hook(
+        hooks, "Flash_Enter_10_battery",
+        f"env | grep ^SHOAL_ > {tmp_path}/env.$SHOAL_ATTEMPT\n"
+        f"[ -e {flag} ] && exit 0\necho 'battery at 12 %'\nexit 21",
+    )  # fmt: skip
+    node = counted.node
+    assert isinstance(node, CountingNode)
+    config = HooksConfig(hooks, retry_delay_s=0.05, max_attempts=1000)
+    with hooked_agent(tmp_path, counted, config) as agent:
+        agent.inventory()  # the gateway learns the node's device type
+        before = node.received_bytes
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: states(orchestra).count("deferred") >= 3)
+        deferred = [s for s in orchestra.status if s["state"] == "deferred"]
+        assert deferred[0]["reason"] == (
+            "hook Flash_Enter_10_battery asked to retry later (attempt 1 of 1000); "
+            "next try in 0.05 s: battery at 12 %"
+        )
+        assert "(attempt 3 of 1000)" in str(deferred[2]["reason"])
+        assert node.received_bytes == before  # nothing of the update reached the node
+        assert agent.inventory()[1] == fleet.encode_map({"nodes": []})  # busy: not even HELLO
+        assert node.received_bytes == before
+        flag.touch()
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    assert orchestra.final()["state"] == "succeeded", orchestra.final()
+    seen = states(orchestra)
+    assert seen[: seen.index("deferred")] == ["downloading", "downloaded"]
+    # After the hold: the state it had before, then the flash.
+    after = seen[len(seen) - seen[::-1].index("deferred") :]
+    assert after[0] == "downloaded" and "flashing" in after and "rebooting" in after
+    assert node.running is not None and node.running.version == "2.0.0"
+    env = dict(
+        line.split("=", 1) for line in (tmp_path / "env.1").read_text().splitlines()
+    )  # fmt: skip
+    assert env == {
+        "SHOAL_GATEWAY": GW, "SHOAL_DEPLOYMENT": "d1", "SHOAL_NODE": "n1",
+        "SHOAL_DRIVER": "shoal-serial", "SHOAL_PORT": counted.path, "SHOAL_DEVICE_TYPE": "nrf52840",
+        "SHOAL_PHASE": "flash", "SHOAL_WHEN": "enter", "SHOAL_ATTEMPT": "1",
+        "SHOAL_MAX_ATTEMPTS": "1000", "SHOAL_ERROR": "",
+        "SHOAL_ARTIFACT_SHA256": hashlib.sha256(
+            artifact_file(tmp_path, imgs.new, "v2.art").read_bytes()
+        ).hexdigest(),
+        "SHOAL_ARTIFACT_NAME": "app", "SHOAL_ARTIFACT_VERSION": "2.0.0",
+        "SHOAL_ARTIFACT_SEQUENCE": "2",
+        "SHOAL_IMAGE_SHA256": imgs.new.manifest.image_digest.hex(),
+        "SHOAL_IMAGE_BYTES": str(imgs.new.manifest.image_size),
+    }  # fmt: skip
+    assert (tmp_path / "env.3").read_text().count("SHOAL_ATTEMPT=3") == 1
+
+
+def test_a_hook_that_keeps_asking_to_retry_fails_the_deployment_at_the_cap(
+    tmp_path: Path, imgs: Images, counted: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Flash_Enter_10_battery", "echo 'battery at 3 %'; exit 21")
+    config = HooksConfig(hooks, retry_delay_s=0.01, max_attempts=3)
+    with hooked_agent(tmp_path, counted, config) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    final = orchestra.final()
+    assert final["state"] == "failed"
+    assert final["reason"] == (
+        "hook Flash_Enter_10_battery asked to retry later 3 times, the most "
+        "hooks.max_attempts allows: giving up: battery at 3 %"
+    )
+    assert states(orchestra).count("deferred") == 2
+    node = counted.node
+    assert isinstance(node, CountingNode) and node.received_bytes == 0
+    assert node.running is not None and node.running.version == "1.0.0"
+    assert agent.jobs == {}
+
+
+def test_a_failing_hook_fails_the_deployment_with_its_output_and_the_node_keeps_its_image(
+    tmp_path: Path, imgs: Images, counted: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Flash_Enter_10_window", "echo 'outside the maintenance window' >&2; exit 3")
+    write_hook(hooks, "Flash_Error_10_note", f'echo "$SHOAL_ERROR" > {tmp_path}/error')
+    write_hook(hooks, "Download_Leave_10_note", f"touch {tmp_path}/downloaded")
+    with hooked_agent(tmp_path, counted, HooksConfig(hooks)) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    final = orchestra.final()
+    reason = "hook Flash_Enter_10_window failed (exit 3): outside the maintenance window"
+    assert (final["state"], final["reason"]) == ("failed", reason)
+    assert "deferred" not in states(orchestra)
+    assert (tmp_path / "downloaded").exists()
+    assert (tmp_path / "error").read_text().strip() == reason  # the Flash error hook saw why
+    node = counted.node
+    assert isinstance(node, CountingNode) and node.received_bytes == 0
+    assert node.running is not None and node.running.version == "1.0.0"
+
+
+def test_a_hook_that_hangs_is_killed_at_its_time_limit(
+    tmp_path: Path, imgs: Images, counted: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Reboot_Enter_10_hang", "echo 'asking the app to park'; sleep 60")
+    with hooked_agent(tmp_path, counted, HooksConfig(hooks, timeout_s=0.5)) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    final = orchestra.final()
+    assert final["state"] == "failed"
+    assert final["reason"] == (
+        "hook Reboot_Enter_10_hang did not finish within 0.5 s and was killed: "
+        "asking the app to park"
+    )
+    # Staged, never test-booted: the node still runs its old image.
+    assert counted.node.running is not None and counted.node.running.version == "1.0.0"
+
+
+def test_hooks_run_at_every_boundary_in_order(
+    tmp_path: Path, imgs: Images, node: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    log = tmp_path / "log"
+    for boundary in BOUNDARIES:
+        write_hook(hooks, f"{boundary}_50_log", f'echo "$SHOAL_PHASE $SHOAL_WHEN" >> {log}')
+    with hooked_agent(tmp_path, node, HooksConfig(hooks)) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    assert orchestra.final()["state"] == "succeeded"
+    assert log.read_text().splitlines() == [
+        f"{phase} {when}"
+        for phase in ("download", "flash", "reboot", "commit")
+        for when in ("enter", "leave")
+    ]
+    assert "confirming" in states(orchestra)
+
+
+def test_a_download_held_by_its_enter_hook_fetches_nothing_until_it_passes(
+    tmp_path: Path, imgs: Images, node: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    flag = tmp_path / "metered-link-off"
+    write_hook(hooks, "Download_Enter_10_metered", f"[ -e {flag} ] && exit 0; exit 21")
+    config = HooksConfig(hooks, retry_delay_s=0.05, max_attempts=1000)
+    with hooked_agent(tmp_path, node, config) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: states(orchestra).count("deferred") >= 2)
+        assert orchestra.fetched == []
+        flag.touch()
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    assert orchestra.final()["state"] == "succeeded"
+    seen = states(orchestra)
+    assert seen[:2] == ["downloading", "deferred"] and "downloaded" in seen
+    assert orchestra.fetched
+
+
+def test_a_deployment_held_before_flashing_can_be_cancelled(
+    tmp_path: Path, imgs: Images, counted: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Flash_Enter_10_later", "exit 21")
+    write_hook(hooks, "Flash_Error_10_note", f'echo "$SHOAL_ERROR" > {tmp_path}/error')
+    with hooked_agent(tmp_path, counted, HooksConfig(hooks, retry_delay_s=30)) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: "deferred" in states(orchestra))
+        cancel = orchestra.command(type="cancel", deployment="d1", node="n1")
+        orchestra.answer(agent.handle(*cancel), agent)
+        assert (orchestra.final()["state"], orchestra.final()["reason"]) == ("aborted", "cancelled")
+        assert agent.jobs == {}
+        # The worker wakes from its 30 s wait at once and runs the Flash error hook.
+        run_until(agent, orchestra, (tmp_path / "error").exists, timeout_s=10)
+    node = counted.node
+    assert isinstance(node, CountingNode) and node.received_bytes == 0
+
+
+def test_a_restarted_gateway_keeps_counting_a_hooks_retries(
+    tmp_path: Path, imgs: Images, node: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Flash_Enter_10_later", "echo $SHOAL_ATTEMPT >> attempts; exit 21")
+    config = HooksConfig(hooks, retry_delay_s=30, max_attempts=3)
+    orchestra = Orchestra({})
+    with hooked_agent(tmp_path, node, config) as first:
+        deploy(first, orchestra, tmp_path, imgs)
+        run_until(first, orchestra, lambda: "deferred" in states(orchestra))
+    with hooked_agent(tmp_path, node, config) as second:
+        assert second.jobs["d1/n1"].hook_attempts == {"Flash_Enter": 1}
+        run_until(second, orchestra, lambda: states(orchestra).count("deferred") == 2)
+    assert (hooks / "attempts").read_text().split() == ["1", "2"]
+
+
+def test_a_commit_refused_after_the_node_confirmed_itself_says_the_node_keeps_it(
+    tmp_path: Path, imgs: Images, node: NodeThread
+) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Commit_Enter_10_veto", "echo 'fleet freeze'; exit 1")
+    with hooked_agent(tmp_path, node, HooksConfig(hooks)) as agent:
+        orchestra = Orchestra({})
+        deploy(agent, orchestra, tmp_path, imgs)
+        run_until(agent, orchestra, lambda: finished(orchestra))
+    assert orchestra.final()["reason"] == (
+        "hook Commit_Enter_10_veto failed (exit 1): fleet freeze; "
+        "the node had confirmed 2.0.0 itself and keeps it"
+    )
+    assert node.node.running is not None and node.node.running.version == "2.0.0"
