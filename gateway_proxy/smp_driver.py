@@ -224,8 +224,8 @@ class SmpDriver(NodeDriver):
     def _states(self, session: SmpSession) -> smp.ImageStates:
         return smp.parse_image_states(session.call(smp.image_state_read()))
 
-    def _max_packet_bytes(self, session: SmpSession) -> int:
-        """The largest request the server takes: its buffer, capped by our option."""
+    def _max_packet_bytes(self, session: SmpSession) -> tuple[int, int]:
+        """The largest request the server takes (its buffer), and that capped by our option."""
         try:
             params = smp.parse_params_reply(session.call(smp.params_request(), retries=1))
             buf_size = params.buf_size
@@ -233,8 +233,8 @@ class SmpDriver(NodeDriver):
             buf_size = DEFAULT_BUF_SIZE  # an older server without the params command
         limit = smp.max_packet_bytes(buf_size, console=self.settings.framing == "console")
         if self.settings.max_request_bytes is not None:
-            limit = min(limit, self.settings.max_request_bytes)
-        return limit
+            return limit, min(limit, self.settings.max_request_bytes)
+        return limit, limit
 
     def _image_hash(self, artifact: VerifiedArtifact, image: bytes) -> bytes:
         """The SHA-256 TLV SMP names the image by (remembered for the later steps).
@@ -305,12 +305,28 @@ class SmpDriver(NodeDriver):
                     TransferOutcome.STAGED, "slot 1 holds this image already", total,
                     resumed_from_bytes=total,
                 )  # fmt: skip
-            max_packet = self._max_packet_bytes(session)
-        return self._upload(image, image_hash, max_packet, progress)
+            server_max, max_packet = self._max_packet_bytes(session)
+        # The first request carries the whole MCUboot header: the server checks it
+        # before it erases the slot (Zephyr refuses a shorter first chunk).
+        first_max = max_packet
+        while (
+            first_max < server_max
+            and smp.max_upload_chunk_bytes(
+                first_max, 0, remaining_bytes=total, image_len=total, sha=bytes(32)
+            )
+            < min(total, mcuboot.HEADER_BYTES)
+        ):
+            first_max += 1
+        return self._upload(image, image_hash, (first_max, max_packet), progress)
 
     def _upload(
-        self, image: bytes, image_hash: bytes, max_packet: int, progress: ProgressFn
+        self,
+        image: bytes,
+        image_hash: bytes,
+        limits: tuple[int, int],
+        progress: ProgressFn,
     ) -> TransferReport:
+        first_max, max_packet = limits
         total = len(image)
         file_sha = hashlib.sha256(image).digest()
         sent = 0
@@ -325,7 +341,7 @@ class SmpDriver(NodeDriver):
                 try:
                     if first:
                         size = smp.max_upload_chunk_bytes(
-                            max_packet, 0, remaining_bytes=total, image_len=total, sha=file_sha
+                            first_max, 0, remaining_bytes=total, image_len=total, sha=file_sha
                         )
                         request = smp.upload_request(0, image[:size], image_len=total, sha=file_sha)
                         reply = session.call(request, self.settings.first_timeout_s)
