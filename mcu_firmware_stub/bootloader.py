@@ -132,7 +132,7 @@ from types import MappingProxyType
 from typing import Final
 
 from mcu_firmware_stub.flash import ERASED_BYTE, Flash
-from otaproto import cose
+from otaproto import cose, mcuboot
 from otaproto.artifact import check_installable
 from otaproto.errors import (
     DigestMismatch,
@@ -1119,3 +1119,303 @@ class Bootloader:
     def _pad(self, data: bytes) -> bytes:
         """``data`` padded with 0xFF to whole words (0xFF programs nothing)."""
         return data + bytes([ERASED_BYTE]) * (self._round_up_to_word(len(data)) - len(data))
+
+
+# -- MCUboot image slots (SMP mode) ------------------------------------------------------
+
+
+class McubootBootloader(Bootloader):
+    """The same bootloader for slots that hold MCUboot images: what SMP mode boots.
+
+    The same: the layout (two slots, scratch page, journal pages), the journal
+    and its records, :data:`TRANSITIONS`, and the page-by-page swap through
+    the scratch page with every power-cut rule of the module docstring. With
+    test, confirm and revert, that is MCUboot's swap using scratch.
+
+    Different:
+
+    * A slot holds an MCUboot image file (:mod:`otaproto.mcuboot`: header,
+      firmware, TLVs) from its first byte; there is no Shoal header page. An
+      image is at most ``slot_bytes - page_bytes``: the last page stands for
+      MCUboot's image trailer, whose state this model keeps in the journal.
+    * A slot's image is *valid* when it passes ``trust`` (hash, and a
+      signature by a trusted key unless hash-only images are accepted). It is
+      checked when a test is requested, again at the reset that would swap the
+      image in, and for the primary at every boot: nothing that fails it runs.
+    * A receive is an SMP upload, identified by the SHA-256 of the whole file
+      (the ``sha`` the client sent; zeros when it sent none, and such an
+      upload never resumes). The durable offset is recorded at page
+      boundaries as before, so an upload resumes across resets too.
+    * There is no anti-rollback floor: ``confirmed_sequence`` stays 0, as
+      MCUboot's downgrade prevention is off by default.
+
+    The signed-manifest methods (``provision``, ``begin_receive``,
+    ``finish_receive``, ``request_test_boot``) raise UsageError here; their
+    counterparts are :meth:`provision_image`, :meth:`begin_upload`,
+    :meth:`finish_upload` and :meth:`request_test`. Raises UsageError for a
+    geometry that cannot work, MalformedError for a journal record that makes
+    no sense, like :class:`Bootloader`.
+    """
+
+    def __init__(self, flash: Flash, *, slot_bytes: int, trust: mcuboot.ImageTrust) -> None:
+        # Bootloader.__init__ without the manifest keys and device type, which
+        # MCUboot images do not use.
+        layout = Layout(flash.page_bytes, slot_bytes)
+        if flash.size_bytes < layout.flash_bytes:
+            raise UsageError(
+                f"flash of {flash.size_bytes} bytes is too small for {slot_bytes}-byte slots: "
+                f"need {layout.flash_bytes}"
+            )
+        if flash.page_bytes < RECORD_BYTES or RECORD_BYTES % flash.word_bytes:
+            raise UsageError(
+                f"a {flash.page_bytes}-byte page of {flash.word_bytes}-byte words cannot hold "
+                f"{RECORD_BYTES}-byte journal records"
+            )
+        self._flash = flash
+        self._layout = layout
+        self._image_trust = trust
+        self._journal = _Journal(flash, layout.journal_pages)
+        self._record = self._journal.load()
+        self._check_record(self._record)
+        self._receive = None
+
+    @property
+    def trust(self) -> mcuboot.ImageTrust:
+        """What this bootloader boots."""
+        return self._image_trust
+
+    # -- slots ---------------------------------------------------------------------
+
+    def _slot_region(self, slot: Slot) -> bytes:
+        """The slot's bytes an image may occupy."""
+        return self._flash.read(self._layout.header_at(slot), self.max_image_bytes)
+
+    def slot_image(self, slot: Slot) -> mcuboot.McubootImage | None:
+        """The slot's image when it parses and its hash checks, signature not considered.
+
+        What SMP's image state lists (as Zephyr's img_mgmt does). Never raises
+        for flash content.
+        """
+        try:
+            return mcuboot.verify_image(
+                self._slot_region(slot), None, max_image_bytes=self.max_image_bytes
+            )
+        except InvalidInput:
+            return None
+
+    def trusted_image(self, slot: Slot) -> mcuboot.McubootImage:
+        """The slot's image, verified under :attr:`trust`.
+
+        Raises MalformedError, LimitExceeded, DigestMismatch, UnknownKeyError,
+        SignatureError.
+        """
+        return self._image_trust.verify(
+            self._slot_region(slot), max_image_bytes=self.max_image_bytes
+        )
+
+    def slot_info(self, slot: Slot) -> SlotInfo | None:
+        """What ``slot`` holds, or None when it holds no parsable image.
+
+        ``valid`` means it passes :attr:`trust`; ``version`` is mcumgr's
+        spelling (``1.2.3.4``), ``image_size`` the whole file, ``image_digest``
+        the SHA256 TLV; ``sequence`` is 0 and ``signed_manifest`` empty (MCUboot
+        images have neither). Never raises for flash content.
+        """
+        region = self._slot_region(slot)
+        try:
+            image = mcuboot.parse_image(region, max_image_bytes=self.max_image_bytes)
+        except InvalidInput:
+            return None
+        try:
+            self._image_trust.verify(region, max_image_bytes=self.max_image_bytes)
+            valid = True
+        except InvalidInput:
+            valid = False
+        return SlotInfo(slot, str(image.version), 0, image.total_bytes, image.hash, b"", valid)
+
+    def image_bytes(self, slot: Slot) -> bytes:
+        """The slot's image file (header, firmware, TLVs).
+
+        Raises MalformedError or LimitExceeded when the slot holds no parsable image.
+        """
+        region = self._slot_region(slot)
+        image = mcuboot.parse_image(region, max_image_bytes=self.max_image_bytes)
+        return region[: image.total_bytes]
+
+    def provision_image(self, image: bytes) -> None:
+        """Factory programming: write a trusted image file straight into an empty primary.
+
+        Padding after the image (``imgtool --pad``) is not written. The first
+        page (the MCUboot header) is erased first and written last, so a cut
+        leaves a primary without an image, which the factory provisions again.
+        Raises UsageError outside ``confirmed`` or over a valid primary, and
+        what :meth:`mcuboot.ImageTrust.verify` raises for the image.
+        """
+        next_state(self._record.state, BootEvent.PROVISION)
+        existing = self.slot_info(Slot.PRIMARY)
+        if existing is not None and existing.valid:
+            raise UsageError(
+                f"primary slot already holds version {existing.version}: provision only once"
+            )
+        verified = self._image_trust.verify(image, max_image_bytes=self.max_image_bytes)
+        data = image[: verified.total_bytes]
+        page_bytes = self._layout.page_bytes
+        base = self._layout.header_at(Slot.PRIMARY)
+        self._flash.erase_page(self._layout.slot_page(Slot.PRIMARY, 0))
+        for index in range(1, -(-len(data) // page_bytes)):
+            self._flash.erase_page(self._layout.slot_page(Slot.PRIMARY, index))
+            chunk = data[index * page_bytes : (index + 1) * page_bytes]
+            self._program(base + index * page_bytes, self._pad(chunk))
+        self._program(base, self._pad(data[:page_bytes]))
+
+    # -- uploads into the secondary --------------------------------------------------
+
+    def begin_upload(self, file_sha: bytes | None, total_bytes: int) -> int:
+        """Start or resume an upload of a ``total_bytes`` file; returns its next offset.
+
+        The same ``file_sha`` (32 bytes) as the upload in the journal resumes
+        at its durable offset (at ``total_bytes`` when it was finished with that
+        size); anything else starts over at 0, erasing pages as they are first
+        written. Raises UsageError outside ``confirmed`` or for an empty file,
+        LimitExceeded when the file does not fit the slot.
+        """
+        next_state(self._record.state, BootEvent.RECEIVE)
+        if total_bytes < 1:
+            raise UsageError("an upload needs at least one byte")
+        if total_bytes > self.max_image_bytes:
+            raise LimitExceeded("MCUboot image file", total_bytes, self.max_image_bytes)
+        key = file_sha if file_sha is not None and len(file_sha) == DIGEST_BYTES else None
+        receive = self._record.receive
+        offset = 0
+        if key is not None and receive is not None and receive.image_digest == key:
+            if self._record.secondary_verified and receive.durable_offset == total_bytes:
+                offset = total_bytes
+            elif not self._record.secondary_verified and receive.durable_offset < total_bytes:
+                offset = receive.durable_offset
+        if offset == 0:
+            self._commit(
+                replace(
+                    self._record,
+                    receive=ReceiveProgress(key or bytes(DIGEST_BYTES), 0),
+                    secondary_verified=False,
+                )
+            )
+        page_bytes = self._layout.page_bytes
+        self._receive = _ReceiveContext(total_bytes, -(-offset // page_bytes) - 1, offset)
+        return offset
+
+    def _program_image(self, context: _ReceiveContext, start: int, data: bytes) -> None:
+        """Program ``data`` at ``start`` of the secondary slot (an MCUboot image starts at
+        the slot's first byte), erasing pages on their first touch in this lifetime."""
+        page_bytes = self._layout.page_bytes
+        base = self._layout.header_at(Slot.SECONDARY)
+        last_page = (start + len(data) - 1) // page_bytes
+        while context.erased_through < last_page:
+            context.erased_through += 1
+            self._flash.erase_page(self._flash.page_of(base + context.erased_through * page_bytes))
+        self._program(base + start, data)
+
+    def finish_upload(self) -> bool:
+        """Hash the uploaded file: True (upload complete) unless it differs from its ``sha``.
+
+        Without a ``sha`` there is nothing to compare and it is True. On False
+        the upload is forgotten, so the next one starts over. Raises UsageError
+        outside ``confirmed``, with no upload in this lifetime, or before the
+        whole file was written.
+        """
+        next_state(self._record.state, BootEvent.RECEIVE)
+        receive, context = self._record.receive, self._receive
+        if receive is None or context is None:
+            raise UsageError("finish_upload with no upload in progress")
+        if context.written_end < context.image_size:
+            raise UsageError(
+                f"finish_upload at {context.written_end} of {context.image_size} bytes"
+            )
+        self._receive = None
+        written = self._flash.read(self._layout.header_at(Slot.SECONDARY), context.image_size)
+        expected = receive.image_digest
+        if expected != bytes(DIGEST_BYTES) and hashlib.sha256(written).digest() != expected:
+            self._commit(replace(self._record, receive=None, secondary_verified=False))
+            return False
+        self._commit(
+            replace(
+                self._record,
+                receive=ReceiveProgress(expected, context.image_size),
+                secondary_verified=True,
+            )
+        )
+        return True
+
+    def request_test(self) -> mcuboot.McubootImage:
+        """Have the next reset swap the secondary's image in for one test boot.
+
+        The image is verified under :attr:`trust` first; returns it. Raises
+        UsageError outside ``confirmed``, and MalformedError, LimitExceeded,
+        DigestMismatch, UnknownKeyError or SignatureError for an image that
+        must not run (nothing is changed then).
+        """
+        new_state = next_state(self._record.state, BootEvent.REQUEST_TEST)
+        image = self.trusted_image(Slot.SECONDARY)
+        self._receive = None
+        self._commit(replace(self._record, state=new_state, receive=None, secondary_verified=False))
+        return image
+
+    def erase_secondary(self) -> None:
+        """Forget any upload and erase the secondary slot's pages that are not blank.
+
+        Raises UsageError outside ``confirmed`` (a test boot uses the slot).
+        """
+        if self._record.state is not BootState.CONFIRMED:
+            raise UsageError(f"the secondary slot is in use in state {self._record.state}")
+        self.abort_receive()
+        page_bytes = self._layout.page_bytes
+        for index in range(self._layout.slot_pages):
+            page = self._layout.slot_page(Slot.SECONDARY, index)
+            if not self._flash.is_erased(page * page_bytes, page_bytes):
+                self._flash.erase_page(page)
+
+    # -- what differs from signed manifests -------------------------------------------
+
+    def confirm(self) -> None:
+        """Make the running test image permanent (a no-op in ``confirmed``).
+
+        Raises UsageError in any other state.
+        """
+        new_state = next_state(self._record.state, BootEvent.CONFIRM)
+        if self._record.state is BootState.CONFIRMED:
+            return
+        self._commit(replace(self._record, state=new_state, last_reverted=False))
+
+    def _verify_candidate(self) -> None:
+        """At the reset of a test: the secondary must pass :attr:`trust` (raises if not)."""
+        self.trusted_image(Slot.SECONDARY)
+
+    def _swap_page_count(self) -> int:
+        """Pages of the larger image file of the two slots (at least one)."""
+        page_bytes = self._layout.page_bytes
+        pages = 1
+        for slot in Slot:
+            try:
+                extent = mcuboot.image_extent(
+                    self._slot_region(slot), max_image_bytes=self.max_image_bytes
+                )
+            except InvalidInput:
+                continue
+            pages = max(pages, -(-extent // page_bytes))
+        return pages
+
+    def provision(self, signed_manifest: bytes, image: bytes) -> None:
+        """Not for MCUboot slots: raises UsageError (use :meth:`provision_image`)."""
+        raise UsageError("MCUboot slots are provisioned with provision_image")
+
+    def begin_receive(self, signed_manifest: bytes, manifest: Manifest) -> int:
+        """Not for MCUboot slots: raises UsageError (use :meth:`begin_upload`)."""
+        raise UsageError("MCUboot slots receive with begin_upload")
+
+    def finish_receive(self) -> bool:
+        """Not for MCUboot slots: raises UsageError (use :meth:`finish_upload`)."""
+        raise UsageError("MCUboot slots finish with finish_upload")
+
+    def request_test_boot(self) -> None:
+        """Not for MCUboot slots: raises UsageError (use :meth:`request_test`)."""
+        raise UsageError("MCUboot slots request a test with request_test")

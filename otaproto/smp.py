@@ -68,6 +68,8 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any, Final
 
+import cbor2
+
 from otaproto import cbor
 from otaproto.errors import InvalidInput, LimitExceeded, MalformedError, UsageError
 
@@ -329,7 +331,7 @@ def encode_packet(header: Header, payload: Mapping[str, Any]) -> bytes:
     """
     try:
         body = cbor.encode(dict(payload))
-    except (ValueError, TypeError) as exc:
+    except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:
         raise UsageError(f"SMP payload does not encode as CBOR: {exc}") from exc
     if len(body) > MAX_PAYLOAD_BYTES:
         raise UsageError(f"SMP payload is {len(body)} bytes, over {MAX_PAYLOAD_BYTES}")

@@ -456,25 +456,64 @@ def flash(
 @click.option("--port", default=None, help="Serial port to serve (a pty path, /dev/tty*...).")
 @click.option("--pty", "make_pty", is_flag=True, help="Create a pty and print its path.")
 @click.option(
+    "--protocol",
+    type=click.Choice(["shoal", "smp"]),
+    default="shoal",
+    show_default=True,
+    help="Shoal's serial protocol, or SMP (mcumgr) over MCUboot slots as Zephyr devices speak.",
+)
+@click.option(
     "--state-dir",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the node keeps its flash; the node survives restarts with it.",
 )
-@click.option("--device-type", required=True, help="Device type provisioned into the node.")
+@click.option("--device-type", default=None, help="Device type provisioned into the node (shoal).")
 @click.option(
     "--trust",
     "trust",
-    required=True,
     multiple=True,
     type=EXISTING_FILE,
-    help="Public key provisioned into the node (repeat for several).",
+    help="Public key provisioned into the node (shoal; repeat for several).",
 )
 @click.option(
     "--initial-artifact",
     type=EXISTING_FILE,
     default=None,
-    help="Full artifact programmed into an empty primary slot at first start.",
+    help="Full artifact programmed into an empty primary slot at first start (shoal).",
+)
+@click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    type=EXISTING_FILE,
+    help="imgtool key (PEM or DER, public or key pair) MCUboot trusts (smp; repeatable).",
+)
+@click.option(
+    "--accept-hash-only", is_flag=True, help="Also boot MCUboot images with no signature (smp)."
+)
+@click.option(
+    "--initial-image",
+    type=EXISTING_FILE,
+    default=None,
+    help="MCUboot image programmed into an empty primary slot at first start (smp).",
+)
+@click.option(
+    "--smp-buf-size",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(256, 65535),
+    help="Reassembly buffer advertised in mcumgr params (smp).",
+)
+@click.option(
+    "--smp-buf-count", default=4, show_default=True, type=click.IntRange(1, 64), help="(smp)"
+)
+@click.option(
+    "--smp-framing",
+    type=click.Choice(["console", "raw"]),
+    default="console",
+    show_default=True,
+    help="SMP over console (base64 lines, with log output) or raw (smp).",
 )
 @click.option("--slot-kib", default=512, show_default=True, type=click.IntRange(8, 16384))
 @click.option("--page-bytes", default=4096, show_default=True, type=click.IntRange(256, 65536))
@@ -509,10 +548,17 @@ def flash(
 def mcu_sim(
     port: str | None,
     make_pty: bool,
+    protocol: str,
     state_dir: Path,
-    device_type: str,
+    device_type: str | None,
     trust: tuple[Path, ...],
     initial_artifact: Path | None,
+    trust_keys: tuple[Path, ...],
+    accept_hash_only: bool,
+    initial_image: Path | None,
+    smp_buf_size: int,
+    smp_buf_count: int,
+    smp_framing: str,
     slot_kib: int,
     page_bytes: int,
     chunk_bytes: int,
@@ -524,41 +570,99 @@ def mcu_sim(
     seed: int,
     fail_self_test: tuple[str, ...],
 ) -> None:
-    """Run one simulated MCU node on a serial port or a new pty."""
+    """Run one simulated MCU node on a serial port or a new pty.
+
+    With --protocol smp the node speaks SMP (mcumgr: OS and image groups) and
+    boots MCUboot images signed by a --trust-key, as a Zephyr device does.
+    """
     from mcu_firmware_stub.flash import FlashFaults, FlashTiming, PowerCut
     from mcu_firmware_stub.node import NodeConfig, SimulatedNode
     from otaio.serial_link import Link, PtyLink, SerialLink
 
     if (port is None) == (not make_pty):
         raise UsageError("give exactly one of --port PATH or --pty")
-    trusted = _load_trust(trust)
-    initial = (
-        verify_artifact(_read_artifact(initial_artifact), trusted) if initial_artifact else None
-    )
-    config = NodeConfig(
-        state_dir=state_dir,
-        device_type=device_type,
-        trusted=trusted,
-        slot_bytes=slot_kib * 1024,
-        page_bytes=page_bytes,
-        chunk_bytes=chunk_bytes,
-        window_frames=window_frames,
-        timing=FlashTiming() if flash_timing else FlashTiming.off(),
-        faults=FlashFaults(
-            cut_after_ops=cut_after_ops,
-            random_cut_probability=random_cut,
-            erase_slowdown=erase_slowdown,
-            torn_writes=True,
-            seed=seed,
-        ),
-        fail_self_test=frozenset(fail_self_test),
+    smp_only = {
+        "--trust-key": bool(trust_keys),
+        "--accept-hash-only": accept_hash_only,
+        "--initial-image": initial_image is not None,
+    }
+    shoal_only = {
+        "--trust": bool(trust),
+        "--device-type": device_type is not None,
+        "--initial-artifact": initial_artifact is not None,
+        "--fail-self-test": bool(fail_self_test),
+    }
+    not_for = smp_only if protocol == "shoal" else shoal_only
+    wrong = [name for name, given in not_for.items() if given]
+    if wrong:
+        raise click.UsageError(f"not for --protocol {protocol}: {', '.join(wrong)}")
+    timing = FlashTiming() if flash_timing else FlashTiming.off()
+    faults = FlashFaults(
+        cut_after_ops=cut_after_ops,
+        random_cut_probability=random_cut,
+        erase_slowdown=erase_slowdown,
+        torn_writes=True,
+        seed=seed,
     )
 
     def log(line: str) -> None:
         click.echo(f"mcu-sim: {line}", err=True)
 
+    node: Any
+    if protocol == "smp":
+        from mcu_firmware_stub.smp_node import Framing, SmpNode, SmpNodeConfig
+        from otaproto.mcuboot import ImageKey, ImageTrust
+
+        if not trust_keys and not accept_hash_only:
+            raise click.UsageError("--protocol smp needs --trust-key or --accept-hash-only")
+        image_trust = ImageTrust(
+            tuple(
+                ImageKey.from_bytes(read_bounded(path, KEY_FILE_LIMIT_BYTES, "key file"))
+                for path in trust_keys
+            ),
+            accept_hash_only=accept_hash_only,
+        )
+        smp_config = SmpNodeConfig(
+            state_dir=state_dir,
+            trust=image_trust,
+            slot_bytes=slot_kib * 1024,
+            page_bytes=page_bytes,
+            buf_size=smp_buf_size,
+            buf_count=smp_buf_count,
+            framing=Framing(smp_framing),
+            timing=timing,
+            faults=faults,
+        )
+        first_image = (
+            read_bounded(initial_image, DEFAULT_LIMITS.max_image_bytes, "image")
+            if initial_image
+            else None
+        )
+    else:
+        if not trust or device_type is None:
+            raise click.UsageError("--protocol shoal needs --device-type and --trust")
+        trusted = _load_trust(trust)
+        initial = (
+            verify_artifact(_read_artifact(initial_artifact), trusted) if initial_artifact else None
+        )
+        config = NodeConfig(
+            state_dir=state_dir,
+            device_type=device_type,
+            trusted=trusted,
+            slot_bytes=slot_kib * 1024,
+            page_bytes=page_bytes,
+            chunk_bytes=chunk_bytes,
+            window_frames=window_frames,
+            timing=timing,
+            faults=faults,
+            fail_self_test=frozenset(fail_self_test),
+        )
+
     try:
-        node = SimulatedNode(config, initial=initial, log=log)
+        if protocol == "smp":
+            node = SmpNode(smp_config, initial_image=first_image, log=log)
+        else:
+            node = SimulatedNode(config, initial=initial, log=log)
         link: Link = PtyLink() if make_pty else SerialLink(port or "")
         if isinstance(link, PtyLink):
             click.echo(link.path)
