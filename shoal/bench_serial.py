@@ -106,18 +106,23 @@ def run_one(
     image_kib: int,
     workdir: Path,
     drop_after_bytes: int | None = None,
+    images: tuple[bytes, bytes] | None = None,
 ) -> SerialRun:
     """One update of a ``image_kib`` image at ``baud`` through the relay.
 
     With ``drop_after_bytes`` the line goes dead after that many bytes for
-    :data:`DROP_S` seconds, then comes back: the resume figure.
+    :data:`DROP_S` seconds, then comes back: the resume figure. ``images``
+    (old, new) replaces the synthetic pair.
     """
     key = SigningKey.from_ed25519_seed(bytes(range(32)))
     keys = workdir / "keys"
     keys.mkdir(exist_ok=True)
     (keys / "release.pub").write_bytes(key.public_key.to_pem())
-    old = firmware_like(image_kib * 1024, seed=1)
-    new = evolve(old, seed=2)[: image_kib * 1024]
+    if images is None:
+        old = firmware_like(image_kib * 1024, seed=1)
+        new = evolve(old, seed=2)[: image_kib * 1024]
+    else:
+        old, new = images
     common = {"name": "bench", "device_types": ("bench",), "key": key, "created_s": 0}
     initial = workdir / f"{name}-v1.art"
     initial.write_bytes(build_full_artifact(old, version="1", sequence=1, **common))  # type: ignore[arg-type]

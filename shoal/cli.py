@@ -1118,9 +1118,26 @@ def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> Non
 @bench.command("serial")
 @click.option("--image-kib", default=256, show_default=True, type=click.IntRange(4, 8192))
 @click.option("--only", default=None, help="Run only the runs whose name contains this.")
+@click.option(
+    "--driver",
+    "drivers",
+    multiple=True,
+    type=click.Choice(["all", "smpclient", "shoal-smp", "shoal-serial"]),
+    help="Compare node drivers at 115200 instead: smpclient and Shoal's SMP driver into the "
+    "SMP-mode node, Shoal's protocol into the simulated node (repeatable; 'all').",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
-def bench_serial(image_kib: int, only: str | None, as_json: bool) -> None:
+def bench_serial(image_kib: int, only: str | None, drivers: tuple[str, ...], as_json: bool) -> None:
     """Serial goodput through a paced line, against the line or flash limit."""
+    if drivers:
+        from shoal import bench_drivers
+
+        chosen = bench_drivers.DRIVERS if "all" in drivers else drivers
+        try:
+            bench_drivers.run(image_kib=image_kib, drivers=tuple(chosen), as_json=as_json)
+        except UsageError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return
     from shoal.bench_serial import run
 
     run(image_kib=image_kib, only=only, as_json=as_json)
