@@ -844,7 +844,10 @@ def gateway_command(config_path: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = load_config(config_path)
     agent = GatewayAgent(config, _load_trust(config.trust))
-    _run_async(lambda stop: run_gateway(agent, stop))
+    try:
+        _run_async(lambda stop: run_gateway(agent, stop))
+    finally:
+        agent.close()  # workers waiting on blocks or on a "retry later" stop; jobs stay on disk
 
 
 @main.group(cls=ShoalGroup)
