@@ -38,6 +38,14 @@ Rules (spec: ``docs/topics.md`` §Gateway, ``docs/drivers-and-hooks.md``):
   runs to its end.
 * Nodes on different ports are updated in parallel, and one node's failure
   (a broken third-party driver included) never stops another's job.
+* The inventory reports a node's ``primary`` (version, sequence, digest,
+  size) as its driver tells it. A driver that cannot tell Shoal's facts
+  (``smp``: MCUboot knows a version and its own hash, not Shoal's sequence
+  or the image file's digest) gets them from the gateway for an image the
+  gateway installed itself: what the driver reported right after the job
+  (version and boot state) is kept on disk with the artifact's facts, and a
+  later report of exactly that stands for that image. Anything else is
+  reported without a ``primary``.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ from gateway_proxy.drivers import (
     Phase,
     ProgressFn,
     UpdateCancelled,
+    UpdateOutcome,
     When,
     make_driver,
 )
@@ -197,6 +206,9 @@ class GatewayAgent:
         self.handled_seq = 0
         self.jobs: dict[str, Job] = {}
         self._finals: list[bytes] = []  #: STATUS payloads, oldest first
+        #: Node -> the image this gateway installed there, as its driver then reported it
+        #: (for drivers that cannot tell Shoal's facts; see :meth:`_installed_slot`).
+        self._installed: dict[str, dict[str, Any]] = {}
         self._load()
         if config.hooks.folder is not None:
             found, problems = survey(config.hooks.folder)
@@ -286,7 +298,11 @@ class GatewayAgent:
                 lock.release()
         return self._up(t.Up.INVENTORY), fleet.encode_map({"nodes": reports})
 
-    def _node_report(self, name: str) -> dict[str, Any]:
+    def _node_report(self, name: str, installed: VerifiedArtifact | None = None) -> dict[str, Any]:
+        """One node's INVENTORY entry, asked through its driver (the caller holds its lock).
+
+        ``installed``: the artifact a job has just left running on the node.
+        """
         try:
             found = self.driver(name).inventory()
         except (ShoalError, OSError) as exc:
@@ -296,10 +312,51 @@ class GatewayAgent:
             return {"node": name, "error": _bounded(f"driver crashed: {type(exc).__name__}: {exc}")}
         if found.device_type:
             self._device_types[name] = found.device_type
+        primary = _slot(found)
+        if primary is None:
+            primary = self._installed_slot(name, found, installed)
         return {
             "node": name, "device_type": found.device_type or None,
-            "boot_state": found.boot_state or None, "primary": _slot(found),
+            "boot_state": found.boot_state or None, "primary": primary,
         }  # fmt: skip
+
+    def _installed_slot(
+        self, name: str, found: NodeInventory, installed: VerifiedArtifact | None
+    ) -> dict[str, Any] | None:
+        """A node's ``primary`` from what this gateway installed, when its driver tells too little.
+
+        Without it the orchestrator knows nothing of what such a node runs: no
+        skip, no delta, no anti-rollback check. With ``installed`` (a job has
+        just left the node running that artifact's image), the driver's report
+        (version and boot state, with the node's driver and port) is recorded
+        with the artifact's facts; otherwise the record stands for what runs
+        only if the driver reports exactly that again. A different report gets
+        None and keeps the record: a node may revert to that image. Two images of
+        one version are told apart only by the driver's ``identity`` (SMP: the
+        MCUboot hash); a driver without one makes them one to this check.
+        """
+        running = found.running
+        if running is None:
+            return None
+        node = self._nodes[name]
+        seen = {
+            "driver": node.driver, "port": node.port, "version": running.version,
+            "boot_state": found.boot_state or "",
+            "identity": running.identity.hex() if running.identity else "",
+        }  # fmt: skip
+        with self._lock:
+            if installed is not None:
+                m = installed.manifest
+                slot = {
+                    "version": m.version, "sequence": m.sequence, "digest": m.image_digest,
+                    "size": m.image_size,
+                }  # fmt: skip
+                self._installed[name] = {**seen, "slot": slot}
+                self._save()
+            known = self._installed.get(name)
+        if known is None or any(known[key] != value for key, value in seen.items()):
+            return None
+        return dict(known["slot"])
 
     # -- messages --------------------------------------------------------------
 
@@ -469,6 +526,7 @@ class GatewayAgent:
         hooks = _JobHooks(self, job, node)
         final: tuple[str, str, int | None] | None = None
         touched = False  #: the node may have changed: report its inventory afterwards
+        report: dict[str, Any] | None = None  #: the node's inventory, asked right after
         try:
             driver = self.driver(job.node)
             verified, image = self._download_phase(job, hooks)
@@ -476,7 +534,12 @@ class GatewayAgent:
                 result = driver.run_update(
                     verified, image, hooks=hooks, progress=self._progress_for(job)
                 )
-            final = (str(result.outcome), result.reason, result.bytes_sent)
+                final = (str(result.outcome), result.reason, result.bytes_sent)
+                if result.outcome in (UpdateOutcome.SUCCEEDED, UpdateOutcome.ALREADY_INSTALLED):
+                    # Before anything else may talk to the node, which runs this image now.
+                    # (A disk that fails the record must not make the update a failure.)
+                    with contextlib.suppress(OSError):
+                        report = self._node_report(job.node, installed=verified)
         except UpdateCancelled:
             final = None  # reported by the cancel (or the agent is closing)
         except HookFailed as exc:
@@ -501,7 +564,11 @@ class GatewayAgent:
                     self._news.put(self._final(job, state, reason, serial_bytes=sent))
         if touched and final is not None:
             with contextlib.suppress(Exception):
-                self._news.put(self.inventory(only=job.node))
+                if report is None:
+                    self._news.put(self.inventory(only=job.node))
+                else:
+                    inventory = fleet.encode_map({"nodes": [report]})
+                    self._news.put((self._up(t.Up.INVENTORY), inventory))
 
     def _download_phase(self, job: Job, hooks: _JobHooks) -> tuple[VerifiedArtifact, bytes]:
         """Download_Enter, the fetch (done by the message loop), checks, Download_Leave.
@@ -689,6 +756,7 @@ class GatewayAgent:
             "handled_seq": self.handled_seq,
             "jobs": [j.to_map() for j in self.jobs.values()],
             "finals": self._finals,
+            "installed": self._installed,
         }
         write_atomic(self._data / STATE_FILE, cbor.encode(state), mode=0o600)
 
@@ -700,6 +768,8 @@ class GatewayAgent:
             raw = cbor.decode(path.read_bytes()[:MAX_STATE_BYTES], "agent state")
             self.handled_seq = int(raw["handled_seq"])
             self._finals = [bytes(p) for p in raw.get("finals", [])][-RESENT_FINAL_REPORTS:]
+            installed = _installed_records(raw.get("installed") or {})
+            self._installed = {k: v for k, v in installed.items() if k in self._nodes}
             for item in raw["jobs"]:
                 job = Job.from_map(item)
                 # Interrupted anywhere: start again from the download (it resumes from
@@ -828,6 +898,32 @@ def _slot(found: NodeInventory) -> dict[str, Any] | None:
         "version": running.version, "sequence": running.sequence,
         "digest": running.image_sha256, "size": running.image_bytes,
     }  # fmt: skip
+
+
+def _installed_records(raw: Any) -> dict[str, dict[str, Any]]:
+    """The ``installed`` map of ``agent.cbor``, checked. Raises TypeError when damaged."""
+    if not isinstance(raw, dict):
+        raise TypeError("installed must be a map")
+    records: dict[str, dict[str, Any]] = {}
+    for name, record in raw.items():
+        slot = record.get("slot") if isinstance(record, dict) else None
+        if not (
+            isinstance(name, str)
+            and isinstance(record, dict)
+            and all(isinstance(record.get(k), str) for k in ("driver", "port", "version"))
+            and isinstance(record.get("boot_state"), str)
+            and isinstance(slot, dict)
+            and isinstance(slot.get("version"), str)
+            and all(_is_uint(slot.get(k)) for k in ("sequence", "size"))
+            and isinstance(slot.get("digest"), bytes)
+        ):
+            raise TypeError(f"installed[{str(name)[:64]!r}] is not an installed-image record")
+        records[name] = dict(record)
+    return records
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _bounded(reason: str) -> str:

@@ -77,6 +77,14 @@ class StepFailed(ShoalError):
     """
 
 
+class StepRejected(StepFailed):
+    """The node refused for good: the same image would be refused again (signature, format).
+
+    For what a step after :meth:`NodeDriver.transfer` learns only then (an SMP
+    node checks the signature when asked to test-boot); ends the update ``rejected``.
+    """
+
+
 class HookFailed(ShoalError):
     """A state hook failed, timed out, or asked to retry later past the cap.
 
@@ -141,6 +149,10 @@ class RunningImage:
     sequence: int | None = None
     image_sha256: bytes | None = None
     image_bytes: int | None = None
+    #: What tells this image from another of the same version, in the protocol's own
+    #: terms (SMP: the MCUboot SHA-256 TLV); lets the gateway recognise an image it
+    #: installed when the protocol cannot tell Shoal's sequence and digest.
+    identity: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -446,7 +458,10 @@ class NodeDriver(ABC):
             with guarded_phase(hooks, Phase.REBOOT):
                 progress(InstallProgress(InstallState.REBOOTING, total, total))
                 if report.outcome is TransferOutcome.STAGED:
-                    self.test_boot(artifact, image)
+                    try:
+                        self.test_boot(artifact, image)
+                    except StepRejected as exc:
+                        raise _Stop(UpdateOutcome.REJECTED, str(exc)) from exc
                 boot = self.await_boot(artifact)
                 _stop_unless_running(boot)
             self._commit(artifact, boot, hooks, progress, total)

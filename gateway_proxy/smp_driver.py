@@ -58,6 +58,7 @@ from gateway_proxy.drivers import (
     ProgressFn,
     RunningImage,
     StepFailed,
+    StepRejected,
     TransferOutcome,
     TransferReport,
 )
@@ -272,7 +273,7 @@ class SmpDriver(NodeDriver):
         return NodeInventory(
             self.settings.device_type,
             boot_state,
-            RunningImage(version=running.version),
+            RunningImage(version=running.version, identity=running.hash),
             self.protocol,
             extra,
         )
@@ -281,6 +282,13 @@ class SmpDriver(NodeDriver):
         self, artifact: VerifiedArtifact, image: bytes, progress: ProgressFn
     ) -> TransferReport:
         """Upload ``image`` into slot 1, resuming at the server's offset."""
+        types = artifact.manifest.device_types
+        if self.settings.device_type not in types:
+            return TransferReport(
+                TransferOutcome.REJECTED,
+                f"the artifact is for {', '.join(types)}, not {self.settings.device_type}",
+                len(image),
+            )
         try:
             image_hash = self._image_hash(artifact, image)
         except InvalidInput as exc:
@@ -309,13 +317,9 @@ class SmpDriver(NodeDriver):
         # The first request carries the whole MCUboot header: the server checks it
         # before it erases the slot (Zephyr refuses a shorter first chunk).
         first_max = max_packet
-        while (
-            first_max < server_max
-            and smp.max_upload_chunk_bytes(
-                first_max, 0, remaining_bytes=total, image_len=total, sha=bytes(32)
-            )
-            < min(total, mcuboot.HEADER_BYTES)
-        ):
+        while first_max < server_max and smp.max_upload_chunk_bytes(
+            first_max, 0, remaining_bytes=total, image_len=total, sha=bytes(32)
+        ) < min(total, mcuboot.HEADER_BYTES):
             first_max += 1
         return self._upload(image, image_hash, (first_max, max_packet), progress)
 
@@ -417,6 +421,11 @@ class SmpDriver(NodeDriver):
             try:
                 session.call(smp.image_state_write(image_hash, confirm=False))
             except smp.SmpErrorReply as exc:
+                if _refuses_image(exc.error):
+                    raise StepRejected(
+                        f"the node refused the test boot: {exc.error}"
+                        " (MCUboot does not accept the image: untrusted key, bad hash or TLVs)"
+                    ) from exc
                 raise StepFailed(f"the node refused the test boot: {exc.error}") from exc
             self._reset(session)
 
@@ -493,3 +502,13 @@ def _verdict(states: smp.ImageStates, image_hash: bytes) -> BootOutcome | None:
             f"the node runs {active.version} again: MCUboot refused or reverted the new image",
         )  # fmt: skip
     return None
+
+
+def _refuses_image(error: smp.ErrorInfo) -> bool:
+    """Whether a refused test boot is about the image itself (it would be refused again)."""
+    if error.group is None:
+        return error.rc == smp.MgmtErr.EACCESSDENIED
+    return error.group == smp.Group.IMAGE and error.rc in (
+        smp.ImgMgmtErr.INVALID_HASH, smp.ImgMgmtErr.INVALID_TLV,
+        smp.ImgMgmtErr.INVALID_IMAGE_HEADER, smp.ImgMgmtErr.INVALID_IMAGE_HEADER_MAGIC,
+    )  # fmt: skip

@@ -7,19 +7,46 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway_proxy.agent import GatewayAgent
 from gateway_proxy.config import GatewayConfig, NodePort
+from gateway_proxy.drivers import (
+    BootOutcome,
+    BootVerdict,
+    NodeDriver,
+    NodeInventory,
+    ProgressFn,
+    RunningImage,
+    TransferOutcome,
+    TransferReport,
+)
 from gateway_proxy.hooks import HooksConfig
 from mcu_firmware_stub.node import SimulatedNode
-from otaproto import fleet
+from otaproto import cbor, fleet
 from otaproto import topics as t
-from otaproto.artifact import build_delta_artifact, build_full_artifact, verify_artifact
+from otaproto.artifact import (
+    VerifiedArtifact,
+    build_delta_artifact,
+    build_full_artifact,
+    verify_artifact,
+)
+from otaproto.errors import InvalidInput
 from otaproto.keys import SigningKey, TrustedKeys
-from tests.node_fixtures import KEY, TRUST, Images, NodeThread, artifact_file, images, node_config
+from tests.node_fixtures import (
+    DEVICE,
+    KEY,
+    TRUST,
+    Images,
+    NodeThread,
+    artifact_file,
+    images,
+    node_config,
+)
 
 GW = "gw-1"
 BLOCK = 4096
@@ -34,6 +61,7 @@ class Orchestra:
         self.status: list[dict[str, object]] = []
         self.fetched: list[int] = []
         self.acks: list[int] = []
+        self.inventories: list[list[dict[str, Any]]] = []
 
     def ref(self, data: bytes, kind: str = "full", base: bytes | None = None) -> dict[str, object]:
         digest = hashlib.sha256(data).digest()
@@ -58,6 +86,10 @@ class Orchestra:
                 self.status.append(fleet.decode_map(payload, fleet.STATUS, "status"))
             elif kind.kind == "ack":
                 self.acks.append(fleet.decode_map(payload, fleet.ACK, "ack")["seq"])
+            elif kind.kind == "inventory":
+                self.inventories.append(
+                    fleet.decode_map(payload, fleet.INVENTORY, "inventory")["nodes"]
+                )
             elif kind.kind == "fetch":
                 digest, blocks = fleet.decode_fetch(payload)
                 data = self.artifacts[digest]
@@ -513,3 +545,103 @@ def test_a_commit_refused_after_the_node_confirmed_itself_says_the_node_keeps_it
         "the node had confirmed 2.0.0 itself and keeps it"
     )
     assert node.node.running is not None and node.node.running.version == "2.0.0"
+
+
+class VersionOnlyDriver(NodeDriver):
+    """A node whose protocol tells a version and a boot state only, as SMP/MCUboot does.
+
+    Its flash is ``self.node_state`` (``version``, ``boot_state``), shared with the test.
+    """
+
+    def __init__(self, node: NodePort, node_state: dict[str, str]) -> None:
+        super().__init__(node)
+        self.node_state = node_state
+
+    def inventory(self) -> NodeInventory:
+        running = RunningImage(self.node_state["version"])
+        return NodeInventory(DEVICE, self.node_state["boot_state"], running, "version-only")
+
+    def transfer(
+        self, artifact: VerifiedArtifact, image: bytes, progress: ProgressFn
+    ) -> TransferReport:
+        if self.node_state["version"] == artifact.manifest.version:
+            return TransferReport(TransferOutcome.ALREADY_INSTALLED, "runs it", len(image))
+        return TransferReport(TransferOutcome.STAGED, "", len(image), len(image))
+
+    def test_boot(self, artifact: VerifiedArtifact, image: bytes) -> None:
+        self.node_state.update(version=artifact.manifest.version, boot_state="testing")
+
+    def await_boot(self, artifact: VerifiedArtifact) -> BootOutcome:
+        return BootOutcome(BootVerdict.NEW_IMAGE, False, "the new image runs under test")
+
+    def confirm(self, artifact: VerifiedArtifact) -> BootOutcome:
+        self.node_state["boot_state"] = "confirmed"
+        return BootOutcome(BootVerdict.NEW_IMAGE, True, "the new image runs and is confirmed")
+
+    def reset(self) -> None:
+        return None
+
+
+def version_only_agent(tmp_path: Path, node_state: dict[str, str]) -> GatewayAgent:
+    config = GatewayConfig(
+        gateway_id=GW, data_dir=tmp_path / "gw", trust=(), mqtt_host="-", mqtt_port=1,
+        password="-", nodes=(NodePort("n1", "/dev/null", driver="version-only"),),
+    )  # fmt: skip
+    return GatewayAgent(config, TRUST, drivers=lambda node: VersionOnlyDriver(node, node_state))
+
+
+def inventory_of(agent: GatewayAgent) -> dict[str, Any]:
+    found = fleet.decode_map(agent.inventory()[1], fleet.INVENTORY, "inventory")["nodes"]
+    assert [n["node"] for n in found] == ["n1"]
+    node: dict[str, Any] = found[0]
+    return node
+
+
+def test_a_driver_that_tells_only_a_version_reports_the_image_the_gateway_installed(
+    tmp_path: Path, imgs: Images
+) -> None:
+    node_state = {"version": "1.0.0", "boot_state": "confirmed"}
+    agent = version_only_agent(tmp_path, node_state)
+    # An image the gateway did not install: no primary (Shoal's sequence is not known).
+    assert inventory_of(agent) == {
+        "node": "n1", "device_type": DEVICE, "boot_state": "confirmed", "primary": None,
+    }  # fmt: skip
+    orchestra = Orchestra({})
+    deploy(agent, orchestra, tmp_path, imgs)
+    assert run_until_final(agent, orchestra)["state"] == "succeeded"
+    m = imgs.new.manifest
+    installed = {
+        "version": "2.0.0", "sequence": m.sequence, "digest": m.image_digest,
+        "size": m.image_size,
+    }  # fmt: skip
+    # The inventory the gateway publishes right after the job reports it.
+    run_until(agent, orchestra, lambda: bool(orchestra.inventories))
+    assert [n["primary"] for n in orchestra.inventories[-1]] == [installed]
+    assert inventory_of(agent)["primary"] == installed
+    agent.close()
+    # It is on disk: a restarted gateway still knows.
+    agent = version_only_agent(tmp_path, node_state)
+    assert inventory_of(agent)["primary"] == installed
+    # The node runs something else (another tool flashed it, or a test boot runs):
+    # nothing is claimed; back on that image, the record stands again.
+    for version, boot_state in (("2.0.1", "confirmed"), ("2.0.0", "testing")):
+        node_state.update(version=version, boot_state=boot_state)
+        assert inventory_of(agent)["primary"] is None, (version, boot_state)
+    node_state.update(version="2.0.0", boot_state="confirmed")
+    assert inventory_of(agent)["primary"] == installed
+    # The same node behind another port or driver is not taken for the same node.
+    config = agent.config
+    moved = GatewayAgent(
+        replace(config, nodes=(replace(config.nodes[0], port="/dev/ttyUSB9"),)), TRUST,
+        drivers=lambda node: VersionOnlyDriver(node, node_state),
+    )  # fmt: skip
+    assert inventory_of(moved)["primary"] is None
+    agent.close()
+    moved.close()
+    # A damaged record is a damaged state file, refused like any other damage.
+    state_file = tmp_path / "gw" / "agent.cbor"
+    state = cbor.decode(state_file.read_bytes(), "agent state")
+    state["installed"]["n1"]["slot"]["digest"] = "not bytes"
+    state_file.write_bytes(cbor.encode(state))
+    with pytest.raises(InvalidInput, match=r"agent\.cbor is damaged: installed\['n1'\]"):
+        version_only_agent(tmp_path, node_state)
