@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +45,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from otaproto.errors import InvalidInput, ShoalError
+
+log = logging.getLogger("shoal.gateway")
 
 if TYPE_CHECKING:
     from gateway_proxy.config import NodePort
@@ -91,6 +94,11 @@ class HookFailed(ShoalError):
     Raised by a :class:`PhaseHooks` ``enter``/``leave``; the message (with the
     hook's name and the tail of its output) becomes the deployment's reason.
     """
+
+
+class _CommitRefused(HookFailed):
+    """A Commit_Enter hook refused, and the node was already reset to revert (or kept
+    an image it had confirmed itself)."""
 
 
 class UpdateCancelled(ShoalError):
@@ -440,12 +448,19 @@ class NodeDriver(ABC):
         the new one is not confirmed yet (the node is reset to revert);
         otherwise the node keeps it, and the reason says so.
 
+        Whatever ends an update after the node was asked to test-boot the image
+        and before it is confirmed (a hook refusing, a cancel, a failed or
+        timed-out step) resets the node, best effort, so that it reverts: a node
+        is never left running an unconfirmed test image, which would also block
+        its next update.
+
         Returns the outcome for every ending a node can produce. Raises
         HookFailed and UpdateCancelled (from ``hooks``), StepFailed, LinkError
         and whatever else a step raises, after the phase's error hooks ran.
         """
         total = len(image)
         report: TransferReport | None = None
+        on_test = False  # the node may run (or boot next) the new image, unconfirmed
         try:
             with guarded_phase(hooks, Phase.FLASH):
                 report = self.transfer(artifact, image, progress)
@@ -457,18 +472,38 @@ class NodeDriver(ABC):
                 )
             with guarded_phase(hooks, Phase.REBOOT):
                 progress(InstallProgress(InstallState.REBOOTING, total, total))
+                on_test = True
                 if report.outcome is TransferOutcome.STAGED:
                     try:
                         self.test_boot(artifact, image)
                     except StepRejected as exc:
+                        on_test = False  # refused: nothing was marked
                         raise _Stop(UpdateOutcome.REJECTED, str(exc)) from exc
                 boot = self.await_boot(artifact)
+                if boot.verdict is BootVerdict.REVERTED or boot.confirmed:
+                    on_test = False
                 _stop_unless_running(boot)
-            self._commit(artifact, boot, hooks, progress, total)
+            boot = self._commit(artifact, boot, hooks, progress, total)
+            on_test = False
         except _Stop as stop:
+            if on_test and stop.outcome is not UpdateOutcome.ROLLED_BACK:
+                self._revert_quietly()
             sent = report.bytes_sent if report is not None else 0
             return UpdateResult(stop.outcome, stop.reason, sent)
+        except _CommitRefused:
+            raise  # _commit has reset the node already
+        except BaseException:
+            if on_test:
+                self._revert_quietly()
+            raise
         return UpdateResult(UpdateOutcome.SUCCEEDED, boot.reason, report.bytes_sent)
+
+    def _revert_quietly(self) -> None:
+        """Reset a node left on an unconfirmed test image; an error is logged, not raised."""
+        try:
+            self.reset()
+        except Exception as exc:  # the update's own failure is what gets reported
+            log.warning("node %s: reset to revert the test image failed: %s", self.node.name, exc)
 
     def _commit(
         self,
@@ -477,8 +512,11 @@ class NodeDriver(ABC):
         hooks: PhaseHooks,
         progress: ProgressFn,
         total: int,
-    ) -> None:
-        """The Commit phase; a refused enter hook says what became of the image."""
+    ) -> BootOutcome:
+        """The Commit phase; a refused enter hook says what became of the image.
+
+        Returns the node's state after it (confirmed).
+        """
         try:
             hooks.enter(Phase.COMMIT)
         except HookFailed as exc:
@@ -490,7 +528,7 @@ class NodeDriver(ABC):
                     self.reset()
                 except ShoalError as reset_error:
                     what = f"resetting the node to revert failed: {reset_error}"
-            refused = HookFailed(f"{exc}; {what}")
+            refused = _CommitRefused(f"{exc}; {what}")
             hooks.error(Phase.COMMIT, str(refused))
             raise refused from exc
         except Exception as exc:
@@ -499,11 +537,13 @@ class NodeDriver(ABC):
         try:
             progress(InstallProgress(InstallState.CONFIRMING, total, total))
             if not boot.confirmed:
-                _stop_unless_running(self.confirm(artifact))
+                boot = self.confirm(artifact)
+                _stop_unless_running(boot)
             hooks.leave(Phase.COMMIT)
         except Exception as exc:
             hooks.error(Phase.COMMIT, str(exc))
             raise
+        return boot
 
 
 def _stop_unless_running(boot: BootOutcome) -> None:

@@ -70,11 +70,28 @@ from otaproto.errors import InvalidInput, LinkBroken, MalformedError
 READ_BYTES = 4096
 #: What a server without ``mcumgr params`` is assumed to take (Zephyr's default netbuf).
 DEFAULT_BUF_SIZE = 384
+#: A smaller advertised buffer could not carry an upload request with an MCUboot header.
+MIN_BUF_SIZE = 128
 #: Upload errors that may pass on a later try; every other refusal is final.
 TRANSIENT_ERRORS = frozenset({smp.MgmtErr.EBUSY, smp.MgmtErr.ETIMEOUT, smp.MgmtErr.ENOMEM})
+#: Image-group upload errors about the node's state, not the image: a later try may pass.
+TRANSIENT_IMAGE_ERRORS = frozenset(
+    {
+        smp.ImgMgmtErr.NO_FREE_SLOT,
+        smp.ImgMgmtErr.IMAGE_ALREADY_PENDING,
+        smp.ImgMgmtErr.FLASH_WRITE_FAILED,
+        smp.ImgMgmtErr.FLASH_ERASE_FAILED,
+        smp.ImgMgmtErr.FLASH_OPEN_FAILED,
+        smp.ImgMgmtErr.FLASH_READ_FAILED,
+        smp.ImgMgmtErr.NO_FREE_MEMORY,
+        smp.ImgMgmtErr.FLASH_CONTEXT_ALREADY_SET,
+    }
+)
 REOPEN_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 #: Most times one upload reopens a port that broke under it.
 MAX_REOPENS = 10
+#: Replies in a row that do not move the offset forward before the upload gives up.
+MAX_STALLS = 3
 #: How often the image state is asked for while waiting for a test boot's verdict.
 BOOT_POLL_S = 0.5
 
@@ -185,7 +202,9 @@ class SmpDriver(NodeDriver):
         self.settings = SmpSettings(
             device_type=o.text("device_type"),
             framing=framing,
-            line_bytes=o.integer("line_bytes", smp.CONSOLE_LINE_BYTES, minimum=16, maximum=4096),
+            line_bytes=o.integer(
+                "line_bytes", smp.CONSOLE_LINE_BYTES, minimum=16, maximum=smp.CONSOLE_LINE_BYTES
+            ),
             max_request_bytes=cap or None,
             first_timeout_s=o.number("first_timeout_s", 40.0, minimum=0.1, maximum=600),
             chunk_timeout_s=o.number("chunk_timeout_s", 2.5, minimum=0.05, maximum=600),
@@ -232,6 +251,8 @@ class SmpDriver(NodeDriver):
             buf_size = params.buf_size
         except (smp.SmpErrorReply, MalformedError, SmpTimeout):
             buf_size = DEFAULT_BUF_SIZE  # an older server without the params command
+        if buf_size < MIN_BUF_SIZE:
+            buf_size = DEFAULT_BUF_SIZE  # nonsense from the peer: assume Zephyr's default
         limit = smp.max_packet_bytes(buf_size, console=self.settings.framing == "console")
         if self.settings.max_request_bytes is not None:
             return limit, min(limit, self.settings.max_request_bytes)
@@ -296,8 +317,14 @@ class SmpDriver(NodeDriver):
                 TransferOutcome.REJECTED, f"not an MCUboot image: {exc}", len(image)
             )
         total = len(image)
+        states = self._clear_other_test(image_hash)
+        if states is None:
+            return TransferReport(
+                TransferOutcome.FAILED,
+                "the node stays on a test of another image after resets",
+                total,
+            )
         with self._session() as session:
-            states = self._states(session)
             primary, secondary = states.slot(0), states.slot(1)
             if primary is not None and primary.hash == image_hash and primary.active:
                 if primary.confirmed:
@@ -323,6 +350,32 @@ class SmpDriver(NodeDriver):
             first_max += 1
         return self._upload(image, image_hash, (first_max, max_packet), progress)
 
+    def _clear_other_test(self, image_hash: bytes) -> smp.ImageStates | None:
+        """The image state, once no other image is under test or pending (None: it stays).
+
+        An earlier update that stopped between its test boot and its confirm
+        leaves the node running an unconfirmed image, or with one pending; the
+        node would refuse an upload then. A reset reverts the first; the second
+        takes two (the pending image boots under test, then reverts).
+        """
+        for _ in range(3):
+            with self._session() as session:
+                states = self._states(session)
+            if not _other_on_test(states, image_hash):
+                return states
+            self.reset()
+            deadline = self._clock() + self.settings.reboot_timeout_s
+            while True:
+                try:
+                    with self._session() as session:
+                        self._states(session)
+                    break
+                except (LinkBroken, MalformedError, smp.SmpErrorReply):
+                    if self._clock() >= deadline:
+                        return None
+                    self._sleep(BOOT_POLL_S)
+        return None
+
     def _upload(
         self,
         image: bytes,
@@ -335,21 +388,34 @@ class SmpDriver(NodeDriver):
         file_sha = hashlib.sha256(image).digest()
         sent = 0
         reopens = 0
-        resumed_from: int | None = None
+        stalls = 0
+        resumed_from: int | None = None  # what the server held when this transfer began
+        # Every reply must move the offset forward; a server that does not is given
+        # MAX_STALLS chances in a row and the whole upload a bounded number of requests.
+        smallest = max(1, smp.max_upload_chunk_bytes(max_packet, total, remaining_bytes=total))
+        requests_left = 2 * (total // smallest + 1) + MAX_REOPENS + 4 * (self.settings.retries + 1)
         link = self._open_link()
         session = SmpSession(link, self.settings, clock=self._clock)
+
+        def failed(reason: str) -> TransferReport:
+            return TransferReport(
+                TransferOutcome.FAILED, reason, total, sent, resumed_from or 0
+            )  # fmt: skip
+
         try:
             offset = 0
+            ask_where = True  # the request at offset 0: the server answers where it is
             while True:
-                first = offset == 0 or resumed_from is None
+                requests_left -= 1
+                if requests_left < 0:
+                    return failed(f"the upload made no headway (the node's offset is {offset})")
                 try:
-                    if first:
+                    if ask_where:
                         size = smp.max_upload_chunk_bytes(
                             first_max, 0, remaining_bytes=total, image_len=total, sha=file_sha
                         )
                         request = smp.upload_request(0, image[:size], image_len=total, sha=file_sha)
                         reply = session.call(request, self.settings.first_timeout_s)
-                        sent += size
                     else:
                         size = smp.max_upload_chunk_bytes(
                             max_packet, offset, remaining_bytes=total - offset
@@ -358,12 +424,9 @@ class SmpDriver(NodeDriver):
                             raise StepFailed(f"a request of {max_packet} bytes holds no data")
                         request = smp.upload_request(offset, image[offset : offset + size])
                         reply = session.call(request, self.settings.chunk_timeout_s)
-                        sent += size
+                    sent += size
                 except SmpTimeout as exc:
-                    return TransferReport(
-                        TransferOutcome.FAILED, f"the node went silent during the upload: {exc}",
-                        total, sent, resumed_from or 0,
-                    )  # fmt: skip
+                    return failed(f"the node went silent during the upload: {exc}")
                 except LinkBroken:
                     reopens += 1
                     if reopens > MAX_REOPENS:
@@ -371,34 +434,41 @@ class SmpDriver(NodeDriver):
                     link.close()
                     link = self._reopen()
                     session = SmpSession(link, self.settings, clock=self._clock)
-                    resumed_from = None  # ask the server where it is
-                    offset = 0
+                    ask_where = True
                     continue
                 except smp.SmpErrorReply as exc:
-                    outcome = (
-                        TransferOutcome.FAILED
-                        if exc.error.group is None and exc.error.rc in TRANSIENT_ERRORS
-                        else TransferOutcome.REJECTED
-                    )
+                    reason = f"the node refused the upload: {exc.error}"
+                    if _transient(exc.error):
+                        return failed(reason)
                     return TransferReport(
-                        outcome, f"the node refused the upload: {exc.error}", total, sent,
-                        resumed_from or 0,
+                        TransferOutcome.REJECTED, reason, total, sent, resumed_from or 0
                     )  # fmt: skip
                 answer = smp.parse_upload_reply(reply)
                 if answer.offset > total:
                     raise MalformedError("smp upload.off", f"{answer.offset} is past the image")
+                if not ask_where and answer.offset > offset + size:
+                    # Only the answer to the request at 0 may jump (to what the server
+                    # holds); any other jump claims bytes nobody sent.
+                    raise MalformedError(
+                        "smp upload.off",
+                        f"{answer.offset} is past the {offset + size} bytes sent so far",
+                    )
                 if resumed_from is None:
-                    # The reply to the request at 0 says what the server already held.
                     resumed_from = answer.offset if answer.offset > size else 0
+                stalls = stalls + 1 if answer.offset <= offset and not ask_where else 0
+                if stalls > MAX_STALLS:
+                    return failed(f"the node's offset stays at {answer.offset}")
+                # A server back at 0 starts over: the request at 0 carries len and sha.
+                ask_where = answer.offset == 0
                 offset = answer.offset
                 progress(InstallProgress(InstallState.FLASHING, offset, total))
                 if offset >= total:
                     if answer.match is False:
-                        return TransferReport(
-                            TransferOutcome.FAILED,
-                            "the node's SHA-256 of the upload does not match the image",
-                            total, sent, resumed_from,
-                        )  # fmt: skip
+                        # Slot 1's header says "this image" over a wrong body: clear it,
+                        # or the next try would take it for staged.
+                        with suppress(LinkBroken, smp.SmpErrorReply, MalformedError):
+                            session.call(smp.image_erase(1))
+                        return failed("the node's SHA-256 of the upload does not match the image")
                     break
             progress(InstallProgress(InstallState.VERIFYING, total, total))
             secondary = self._states(session).slot(1)
@@ -469,7 +539,12 @@ class SmpDriver(NodeDriver):
             except smp.SmpErrorReply as exc:
                 raise StepFailed(f"the node refused to confirm: {exc.error}") from exc
             after = _verdict(self._states(session), image_hash)
-        if after is None or not after.confirmed:
+        if after is None or after.verdict is not BootVerdict.NEW_IMAGE:
+            return BootOutcome(
+                BootVerdict.REVERTED, False,
+                "the node reverted to its previous image while being confirmed",
+            )  # fmt: skip
+        if not after.confirmed:
             raise StepFailed("the node answered the confirm but does not report it confirmed")
         return after
 
@@ -484,6 +559,23 @@ class SmpDriver(NodeDriver):
         with suppress(SmpTimeout):
             session.call(smp.reset_request(), retries=0)
         self._sleep(self.settings.reset_delay_s)
+
+
+def _other_on_test(states: smp.ImageStates, image_hash: bytes) -> bool:
+    """Whether another image than ``image_hash`` runs unconfirmed or is pending."""
+    for entry in states.images:
+        if entry.hash == image_hash:
+            continue
+        if entry.pending or (entry.active and not (entry.confirmed or entry.permanent)):
+            return True
+    return False
+
+
+def _transient(error: smp.ErrorInfo) -> bool:
+    """Whether an upload refusal is about the node's state (retry) rather than the image."""
+    if error.group is None:
+        return error.rc in TRANSIENT_ERRORS
+    return error.group == smp.Group.IMAGE and error.rc in TRANSIENT_IMAGE_ERRORS
 
 
 def _verdict(states: smp.ImageStates, image_hash: bytes) -> BootOutcome | None:

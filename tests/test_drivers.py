@@ -141,7 +141,7 @@ def run(driver: ScriptedDriver, hooks: RecordingHooks) -> tuple[UpdateOutcome, s
 def test_a_staged_image_is_test_booted_confirmed_with_hooks_at_every_boundary() -> None:
     driver, hooks = ScriptedDriver(TransferOutcome.STAGED, TESTING, CONFIRMED), RecordingHooks()
     outcome, reason, progress = run(driver, hooks)
-    assert (outcome, reason) == (UpdateOutcome.SUCCEEDED, "runs 2.0.0 under test")
+    assert (outcome, reason) == (UpdateOutcome.SUCCEEDED, "runs 2.0.0, confirmed")
     assert driver.steps == ["transfer", "test_boot", "await_boot", "confirm"]
     assert hooks.calls == ALL_BOUNDARIES
     assert progress == ["flashing", "rebooting", "confirming"]
