@@ -427,7 +427,8 @@ class _CborReader:
             self._check_count(argument, 2)
             result: dict[str, Any] = {}
             for _ in range(argument):
-                self._map_entry(result, depth)
+                if not self._map_entry(result, depth):
+                    raise MalformedError("smp payload", "a break inside a definite-length map")
             return result
         raise MalformedError("smp payload", "CBOR tags are not allowed in SMP payloads")
 

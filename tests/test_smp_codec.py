@@ -620,3 +620,9 @@ def test_doc_chunk_table_is_what_the_helper_computes() -> None:
         ("offset 100,000 | ", smp.max_upload_chunk_bytes(limit, 100_000)),
     ):
         assert f"{text}{value:,} |" in DOC, text
+
+
+def test_a_break_inside_a_definite_length_map_is_refused() -> None:
+    # {"a": ...} announced with two entries, the second "key" a break byte.
+    with pytest.raises(MalformedError, match="break inside a definite-length map"):
+        smp.decode_payload(bytes.fromhex("a2ff616161 01".replace(" ", "")))
