@@ -116,6 +116,11 @@ class SmpSettings:
     link_lost_s: float = 30.0
     #: A server answers a reset before it resets (Zephyr: 250 ms later); ask nothing sooner.
     reset_delay_s: float = 1.0
+    #: Upload requests sent before the first is answered. 1 is what every SMP client
+    #: does; more hides the turnaround and the node's flash writes, for a server
+    #: that takes a whole request while it works on the last (``buf_count`` > 1 and
+    #: a UART that is not starved meanwhile).
+    window: int = 1
 
 
 class SmpSession:
@@ -130,10 +135,11 @@ class SmpSession:
         self.link = link
         self.settings = settings
         self._clock = clock
-        self._matcher = smp.RequestMatcher()
+        self._matcher = smp.RequestMatcher(window=settings.window)
         self._console = settings.framing == "console"
         self._console_decoder = smp.ConsoleDecoder(max_line_bytes=max(settings.line_bytes, 128))
         self._raw_decoder = smp.RawDecoder()
+        self._pending: list[bytes] = []  # packets read but not looked at yet
         self.requests_sent = 0
         self.retries_used = 0
 
@@ -147,29 +153,52 @@ class SmpSession:
             return self._console_decoder.feed(data)
         return self._raw_decoder.feed(data)
 
+    def send(self, request: smp.Request) -> int:
+        """Write ``request`` without waiting; its sequence number (see :meth:`next_reply`)."""
+        packet = self._matcher.send(request)
+        self.link.write(self._frame(packet))
+        self.requests_sent += 1
+        return packet[6]  # the header's sequence byte
+
+    def next_reply(self, timeout_s: float) -> smp.Packet | None:
+        """The next reply to any outstanding request, or None after ``timeout_s`` of
+        silence (every outstanding request is then abandoned: late replies are stale)."""
+        deadline = self._clock() + timeout_s
+        while True:
+            while self._pending:
+                try:
+                    reply = self._matcher.match(self._pending.pop(0))
+                except MalformedError:
+                    continue  # noise that framed well: not an answer to anything
+                if reply is not None:
+                    return reply
+            left_s = deadline - self._clock()
+            if left_s <= 0:
+                break
+            self._pending = self._packets(self.link.read(READ_BYTES, left_s))
+        if not self._console:
+            self._raw_decoder.reset()  # a partial packet will never finish
+        self._matcher.abandon()
+        return None
+
+    def abandon(self) -> None:
+        """Forget every outstanding request (their replies will be stale)."""
+        self._matcher.abandon()
+
     def call(
         self, request: smp.Request, timeout_s: float | None = None, *, retries: int | None = None
     ) -> smp.Payload:
         """Send ``request`` and wait for its reply; send it again on silence."""
         timeout_s = self.settings.request_timeout_s if timeout_s is None else timeout_s
         attempts = 1 + (self.settings.retries if retries is None else retries)
+        self.abandon()
         for attempt in range(attempts):
             if attempt:
                 self.retries_used += 1
-            self.link.write(self._frame(self._matcher.send(request)))
-            self.requests_sent += 1
-            deadline = self._clock() + timeout_s
-            while (left_s := deadline - self._clock()) > 0:
-                for raw in self._packets(self.link.read(READ_BYTES, left_s)):
-                    try:
-                        reply = self._matcher.match(raw)
-                    except MalformedError:
-                        continue  # noise that framed well: not an answer to anything
-                    if reply is not None:
-                        return smp.check_reply(reply, request.describe())
-            if not self._console:
-                self._raw_decoder.reset()  # a partial packet will never finish
-            self._matcher.abandon()
+            self.send(request)
+            reply = self.next_reply(timeout_s)
+            if reply is not None:
+                return smp.check_reply(reply, request.describe())
         raise SmpTimeout(f"{request.describe()}: no reply in {attempts} x {timeout_s:g} s")
 
 
@@ -191,7 +220,7 @@ class SmpDriver(NodeDriver):
         o.only(
             "device_type", "framing", "line_bytes", "max_request_bytes", "first_timeout_s",
             "chunk_timeout_s", "request_timeout_s", "retries", "reboot_timeout_s", "link_lost_s",
-            "reset_delay_s",
+            "reset_delay_s", "window",
         )  # fmt: skip
         framing = o.text("framing", "console")
         if framing not in ("console", "raw"):
@@ -213,6 +242,7 @@ class SmpDriver(NodeDriver):
             reboot_timeout_s=o.number("reboot_timeout_s", 120.0, minimum=1, maximum=3600),
             link_lost_s=o.number("link_lost_s", 30.0, minimum=0, maximum=3600),
             reset_delay_s=o.number("reset_delay_s", 1.0, minimum=0, maximum=60),
+            window=o.integer("window", 1, minimum=1, maximum=8),
         )
         self._clock = clock
         self._sleep = sleep
@@ -384,6 +414,7 @@ class SmpDriver(NodeDriver):
         progress: ProgressFn,
     ) -> TransferReport:
         first_max, max_packet = limits
+        window = self.settings.window
         total = len(image)
         file_sha = hashlib.sha256(image).digest()
         sent = 0
@@ -393,7 +424,9 @@ class SmpDriver(NodeDriver):
         # Every reply must move the offset forward; a server that does not is given
         # MAX_STALLS chances in a row and the whole upload a bounded number of requests.
         smallest = max(1, smp.max_upload_chunk_bytes(max_packet, total, remaining_bytes=total))
-        requests_left = 2 * (total // smallest + 1) + MAX_REOPENS + 4 * (self.settings.retries + 1)
+        requests_left = (
+            2 * (total // smallest + 1) + MAX_REOPENS + 4 * window * (self.settings.retries + 1)
+        )
         link = self._open_link()
         session = SmpSession(link, self.settings, clock=self._clock)
 
@@ -403,30 +436,45 @@ class SmpDriver(NodeDriver):
             )  # fmt: skip
 
         try:
-            offset = 0
+            offset = 0  # what the server has acknowledged
+            next_offset = 0  # where the next request starts (ahead of it with a window)
             ask_where = True  # the request at offset 0: the server answers where it is
+            in_flight: dict[int, tuple[int, int, bool]] = {}  # sequence -> offset, size, at 0
+            silences = 0
             while True:
-                requests_left -= 1
-                if requests_left < 0:
-                    return failed(f"the upload made no headway (the node's offset is {offset})")
                 try:
-                    if ask_where:
+                    # Fill the window: the request at 0 goes alone (its answer says
+                    # where the server is); then chunks back to back, window-many.
+                    if ask_where and not in_flight:
+                        requests_left -= 1
                         size = smp.max_upload_chunk_bytes(
                             first_max, 0, remaining_bytes=total, image_len=total, sha=file_sha
                         )
                         request = smp.upload_request(0, image[:size], image_len=total, sha=file_sha)
-                        reply = session.call(request, self.settings.first_timeout_s)
-                    else:
+                        in_flight[session.send(request)] = (0, size, True)
+                        sent += size
+                    while not ask_where and len(in_flight) < window and next_offset < total:
+                        requests_left -= 1
                         size = smp.max_upload_chunk_bytes(
-                            max_packet, offset, remaining_bytes=total - offset
+                            max_packet, next_offset, remaining_bytes=total - next_offset
                         )
                         if size <= 0:
                             raise StepFailed(f"a request of {max_packet} bytes holds no data")
-                        request = smp.upload_request(offset, image[offset : offset + size])
-                        reply = session.call(request, self.settings.chunk_timeout_s)
-                    sent += size
-                except SmpTimeout as exc:
-                    return failed(f"the node went silent during the upload: {exc}")
+                        chunk = image[next_offset : next_offset + size]
+                        in_flight[session.send(smp.upload_request(next_offset, chunk))] = (
+                            next_offset, size, False,
+                        )  # fmt: skip
+                        next_offset += size
+                        sent += size
+                    if requests_left < 0:
+                        return failed(f"the upload made no headway (the node is at {offset})")
+                    first_pending = any(at_zero for _, _, at_zero in in_flight.values())
+                    timeout_s = (
+                        self.settings.first_timeout_s
+                        if first_pending
+                        else self.settings.chunk_timeout_s
+                    )
+                    packet = session.next_reply(timeout_s)
                 except LinkBroken:
                     reopens += 1
                     if reopens > MAX_REOPENS:
@@ -434,8 +482,25 @@ class SmpDriver(NodeDriver):
                     link.close()
                     link = self._reopen()
                     session = SmpSession(link, self.settings, clock=self._clock)
+                    in_flight.clear()
                     ask_where = True
                     continue
+                if packet is None:  # silence: everything in flight is lost; go again
+                    silences += 1
+                    if silences > self.settings.retries:
+                        return failed(
+                            f"the node went silent during the upload ({silences} x "
+                            f"{timeout_s:g} s without an answer at offset {offset})"
+                        )
+                    session.retries_used += 1
+                    in_flight.clear()
+                    next_offset = offset
+                    ask_where = ask_where or offset == 0
+                    continue
+                silences = 0
+                asked_at, size, was_first = in_flight.pop(packet.header.sequence)
+                try:
+                    answer = smp.parse_upload_reply(smp.check_reply(packet, "image upload"))
                 except smp.SmpErrorReply as exc:
                     reason = f"the node refused the upload: {exc.error}"
                     if _transient(exc.error):
@@ -443,24 +508,30 @@ class SmpDriver(NodeDriver):
                     return TransferReport(
                         TransferOutcome.REJECTED, reason, total, sent, resumed_from or 0
                     )  # fmt: skip
-                answer = smp.parse_upload_reply(reply)
                 if answer.offset > total:
                     raise MalformedError("smp upload.off", f"{answer.offset} is past the image")
-                if not ask_where and answer.offset > offset + size:
+                if not was_first and answer.offset > asked_at + size:
                     # Only the answer to the request at 0 may jump (to what the server
                     # holds); any other jump claims bytes nobody sent.
                     raise MalformedError(
                         "smp upload.off",
-                        f"{answer.offset} is past the {offset + size} bytes sent so far",
+                        f"{answer.offset} is past the {asked_at + size} bytes sent so far",
                     )
                 if resumed_from is None:
                     resumed_from = answer.offset if answer.offset > size else 0
-                stalls = stalls + 1 if answer.offset <= offset and not ask_where else 0
+                stalls = stalls + 1 if answer.offset <= offset and not was_first else 0
                 if stalls > MAX_STALLS:
                     return failed(f"the node's offset stays at {answer.offset}")
-                # A server back at 0 starts over: the request at 0 carries len and sha.
-                ask_where = answer.offset == 0
                 offset = answer.offset
+                if was_first or answer.offset != asked_at + size:
+                    # The server is elsewhere than the window assumed (it resumed, or
+                    # lost a request): what is in flight is answered with its offset
+                    # and written nowhere; go on from the server's word.
+                    session.abandon()
+                    in_flight.clear()
+                    next_offset = offset
+                # A server back at 0 starts over: the request at 0 carries len and sha.
+                ask_where = offset == 0
                 progress(InstallProgress(InstallState.FLASHING, offset, total))
                 if offset >= total:
                     if answer.match is False:

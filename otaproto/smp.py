@@ -1119,57 +1119,75 @@ def max_upload_chunk_bytes(
 
 
 class RequestMatcher:
-    """Sequence numbers and stale-reply filtering for one stop-and-wait SMP client.
+    """Sequence numbers and stale-reply filtering for one SMP client.
 
     :meth:`send` encodes a request with the next sequence number (mod 256) and
-    makes it the outstanding one, replacing any earlier one (after a timeout,
-    say): a late reply to the earlier request is then stale. :meth:`match`
-    returns the reply to the outstanding request and forgets it; anything
-    else is counted in :attr:`stale_replies` and returns None.
+    adds it to the outstanding ones. With ``window`` 1 (the default, and what
+    every SMP client does) there is one: a new request replaces an earlier one
+    (after a timeout, say), whose late reply is then stale. A larger window
+    keeps that many, for a client that sends the next request before the
+    last one is answered (a server with several buffers); sending past it
+    drops the oldest. :meth:`match` returns the reply to an outstanding
+    request and forgets that request; anything else is counted in
+    :attr:`stale_replies` and returns None. A window is at most 128, so that
+    a sequence number is never outstanding twice.
     """
 
-    def __init__(self, *, version: Version = Version.V2, first_sequence: int = 0) -> None:
+    def __init__(
+        self, *, version: Version = Version.V2, first_sequence: int = 0, window: int = 1
+    ) -> None:
         if not 0 <= first_sequence <= 0xFF:
             raise UsageError(f"first_sequence must be 0..255, not {first_sequence}")
+        if not 1 <= window <= 128:
+            raise UsageError(f"window must be 1..128, not {window}")
         self._version = version
         self._next_sequence = first_sequence
-        self._outstanding: Header | None = None
+        self._window = window
+        self._outstanding: dict[int, Header] = {}  # by sequence, oldest first
         self.stale_replies = 0
 
     @property
     def outstanding(self) -> Header | None:
-        """The header of the request waiting for its reply, if any."""
-        return self._outstanding
+        """The header of the oldest request waiting for its reply, if any."""
+        return next(iter(self._outstanding.values()), None)
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests wait for their replies."""
+        return len(self._outstanding)
 
     def send(self, request: Request) -> bytes:
-        """The packet bytes of ``request`` (unframed); it becomes the outstanding one."""
+        """The packet bytes of ``request`` (unframed); it becomes outstanding."""
         sequence = self._next_sequence
         packet = request.encode(sequence, self._version)
         self._next_sequence = (sequence + 1) & 0xFF
-        self._outstanding = Header.decode(packet)
+        while len(self._outstanding) >= self._window:
+            del self._outstanding[next(iter(self._outstanding))]
+        self._outstanding[sequence] = Header.decode(packet)
         return packet
 
     def abandon(self) -> None:
-        """Stop waiting for the outstanding reply (its late arrival will be stale)."""
-        self._outstanding = None
+        """Stop waiting for every outstanding reply (late arrivals will be stale)."""
+        self._outstanding.clear()
 
     def match(self, reply: bytes | Packet) -> Packet | None:
-        """The reply to the outstanding request, or None when ``reply`` is stale.
+        """The reply to an outstanding request, or None when ``reply`` is stale.
 
         Raises MalformedError when ``reply`` is bytes that do not decode.
         """
         packet = decode_packet(reply) if isinstance(reply, bytes | bytearray) else reply
-        expected, header = self._outstanding, packet.header
+        header = packet.header
+        expected = self._outstanding.get(header.sequence)
         if (
             expected is None
+            or not expected.op.is_request
             or header.op is not expected.op.reply
             or header.group != expected.group
             or header.command != expected.command
-            or header.sequence != expected.sequence
         ):
             self.stale_replies += 1
             return None
-        self._outstanding = None
+        del self._outstanding[header.sequence]
         return packet
 
 

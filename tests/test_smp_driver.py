@@ -292,3 +292,31 @@ def test_an_artifact_for_another_device_type_is_refused_before_the_node_is_asked
     report = driver.transfer(artifact_of(images.new), images.new, lambda p: None)
     assert report.outcome is TransferOutcome.REJECTED and "not another" in report.reason
     assert server.uploads == 0
+
+
+class Lossy(Server):
+    """A node whose UART loses whole requests now and then (every ``every``-th write)."""
+
+    def __init__(self, node: SmpNode, every: int) -> None:
+        self.inner, self.every, self.writes, self.lost = NodeServer(node), every, 0, 0
+
+    def answer(self, data: bytes) -> bytes:
+        self.writes += 1
+        if self.writes % self.every == 0:
+            self.lost += 1
+            return b""
+        return self.inner.answer(data)
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_requests_lost_in_a_window_are_sent_again_from_the_nodes_offset(
+    tmp_path: Path, trust: mcuboot.ImageTrust, images: Images, clock: Clock, window: int
+) -> None:
+    node = sim_node(tmp_path, trust, images, clock)
+    server = Lossy(node, every=7)
+    driver = make_driver(Opener(server, clock), clock, max_request_bytes=600, window=window)
+    report = driver.transfer(artifact_of(images.new), images.new, lambda p: None)
+    assert report.outcome is TransferOutcome.STAGED, report.reason
+    assert server.lost >= 3
+    slots = {entry["slot"]: entry["hash"] for entry in driver.inventory().extra["slots"]}
+    assert slots[1] == image_hash(images.new).hex()
