@@ -219,14 +219,20 @@ class GatewayAgent:
     def close(self) -> None:
         """Stop the workers that wait (for blocks, or to retry a hook); jobs stay on disk.
 
-        A worker that is writing to its node finishes first; it is a daemon
-        thread and ends with the process otherwise.
+        Hooks still running are ended (SIGTERM, SIGKILL after
+        ``hooks.KILL_GRACE_S``; this waits for that) and no more start: a hook
+        runs in a session of its own and would outlive the gateway, its time
+        limit no longer enforced, and run a second time after a restart. Their
+        boundaries run again when the gateway does. A worker that is writing
+        to its node finishes first; it is a daemon thread and ends with the
+        process otherwise.
         """
         self._closing.set()
         with self._lock:
             for job in self.jobs.values():
                 job.cancelled.set()
                 job.inbox.put(None)
+        self._hooks.close()
 
     # -- topics --------------------------------------------------------------
 
@@ -865,6 +871,8 @@ class _JobHooks:
             if result.verdict is Verdict.PASSED:
                 agent._passed(job, boundary)
                 return
+            if result.verdict is Verdict.STOPPED:
+                raise UpdateCancelled("the gateway is closing")
             if result.verdict is Verdict.FAILED:
                 raise HookFailed(result.reason)
             said = last_line(result.output)

@@ -19,7 +19,12 @@ Rules (spec: ``docs/drivers-and-hooks.md``; naming after Mender's state scripts)
   name, exit status and output tail.
 * Every hook runs in its own session (process group) and has a time limit;
   past it the whole group gets SIGTERM, then SIGKILL after
-  :data:`KILL_GRACE_S`, and the boundary fails.
+  :data:`KILL_GRACE_S`, and the boundary fails. When the hook exits, what is
+  left of its group gets SIGKILL (a daemon must leave it with ``setsid``).
+  No process, pipe or thread of a run outlives it.
+* A gateway that stops closes its :class:`HookRunner`: running hooks get
+  SIGTERM, then SIGKILL after :data:`KILL_GRACE_S`, none starts any more, and
+  their boundaries are STOPPED (decided nothing; they run again after a restart).
 * Error hooks (``<Phase>_Error_*``) run when a phase ends badly; their exit
   statuses are logged and change nothing.
 * This module decides nothing about deployments: retry delays and caps are the
@@ -32,14 +37,16 @@ import contextlib
 import logging
 import os
 import re
+import selectors
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import IO
 
 from gateway_proxy.drivers import Phase, When
 from otaproto.errors import InvalidInput
@@ -52,9 +59,12 @@ RETRY_LATER_EXIT = 21
 OUTPUT_TAIL_BYTES = 1024
 #: After SIGTERM on a timeout, how long the group has before SIGKILL.
 KILL_GRACE_S = 2.0
-#: After a hook exits, how long to wait for the rest of its output (a child it
-#: left behind may hold the pipe open forever).
+#: After a hook exits (and what was left of its group was killed), how long a
+#: process that left the group (``setsid``) but kept the output pipe may hold
+#: the run up before the rest of its output is given up.
 OUTPUT_DRAIN_S = 1.0
+#: Where the kernel has no pidfd: how often to look whether the hook exited.
+EXIT_POLL_S = 0.05
 READ_BYTES = 65536
 
 _NAME = re.compile(
@@ -85,6 +95,9 @@ class Verdict(StrEnum):
     PASSED = "passed"
     RETRY_LATER = "retry_later"
     FAILED = "failed"
+    #: The gateway is closing: a hook was stopped or not started. Nothing was
+    #: decided; the boundary runs again when the gateway does.
+    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class HookRun:
     output: str  #: the tail of stdout+stderr, decoded leniently
     elapsed_s: float
     start_error: str = ""
+    stopped: bool = False  #: the gateway closed while it ran, or before it could start
 
 
 @dataclass(frozen=True)
@@ -174,86 +188,211 @@ def survey(folder: Path) -> tuple[list[str], list[str]]:
     return hooks, problems
 
 
-def run_hook(path: Path, env: Mapping[str, str], timeout_s: float) -> HookRun:
+class HookGroups:
+    """The process groups of the hooks running now, so that :meth:`close` can end them.
+
+    A hook runs in a session of its own, so it would outlive the gateway and
+    its time limit with it; a gateway that stops closes this first. Thread-safe:
+    the hooks of several jobs run at once, each in its job's worker.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[subprocess.Popen[bytes], _Ending] = {}
+        self._closed = False
+
+    def start(self, path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
+        """Start a hook, or None once closed. Raises OSError when it cannot be started.
+
+        Started under the lock, so that no hook can begin after :meth:`close` looked.
+        """
+        with self._lock:
+            if self._closed:
+                return None
+            proc = subprocess.Popen(
+                [str(path)], cwd=path.parent, env=dict(env), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                close_fds=True,
+            )  # fmt: skip
+            self._running[proc] = _Ending()
+            return proc
+
+    def ended(self, proc: subprocess.Popen[bytes]) -> bool:
+        """``proc`` exited and its group got SIGKILL: forget them.
+
+        True when :meth:`close` stopped it (False when called again).
+        """
+        with self._lock:
+            ending = self._running.pop(proc, None)
+        if ending is None:
+            return False
+        ending.done.set()
+        return ending.stopped
+
+    def close(self) -> None:
+        """End every running hook's group (SIGTERM, SIGKILL after KILL_GRACE_S); start no more.
+
+        Returns once each group got its SIGKILL or its runner saw it end, so a
+        gateway that exits next leaves no hook behind.
+        """
+        with self._lock:
+            self._closed = True
+            running = list(self._running.items())
+            for proc, ending in running:
+                ending.stopped = True
+                _signal_group(proc, signal.SIGTERM)
+        if not running:
+            return
+        log.info("stopping %d running hook(s)", len(running))
+        deadline = time.monotonic() + KILL_GRACE_S
+        for _, ending in running:
+            ending.done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:  # only groups still running: a finished one's pgid may be reused
+            for proc, _ in running:
+                if proc in self._running:
+                    _signal_group(proc, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_GRACE_S
+        for _, ending in running:
+            ending.done.wait(max(0.0, deadline - time.monotonic()))
+
+
+@dataclass
+class _Ending:
+    """A running hook, as :meth:`HookGroups.close` sees it."""
+
+    stopped: bool = False  #: :meth:`HookGroups.close` signalled the group
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def run_hook(
+    path: Path, env: Mapping[str, str], timeout_s: float, *, groups: HookGroups | None = None
+) -> HookRun:
     """Run one hook to its end or its time limit; kill its process group past the limit.
 
-    Never raises for what the hook does; a hook that cannot be started is a
-    HookRun with ``start_error``.
+    Once the hook exits, what is left of its group is killed too, and its
+    output read to its end (or for OUTPUT_DRAIN_S, from a process that left
+    the group with the pipe), then the pipe is closed: no process, fd or
+    thread outlives a run. ``groups`` is the registry a stopping gateway
+    closes; a hook that closing stopped, or refused, is a HookRun with
+    ``stopped``. Never raises for what the hook does; a hook that cannot be
+    started is a HookRun with ``start_error``.
     """
     started = time.monotonic()
+    registry = HookGroups() if groups is None else groups
     try:
-        proc = subprocess.Popen(
-            [str(path)], cwd=path.parent, env=dict(env), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            close_fds=True,
-        )  # fmt: skip
+        proc = registry.start(path, env)
     except OSError as exc:
         return HookRun(
             path.name, None, False, "", time.monotonic() - started, exc.strerror or str(exc)
         )
-    tail = _Tail(proc)
-    timed_out = False
+    if proc is None:
+        return HookRun(path.name, None, False, "", 0.0, "the gateway is closing", stopped=True)
+    output, timed_out, stopped = b"", False, False
+
+    def exited() -> None:
+        nonlocal stopped
+        stopped = registry.ended(proc) or stopped
+
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
+        output, timed_out = _supervise(proc, started + timeout_s, exited)
     finally:
         if proc.poll() is None:  # interrupted (KeyboardInterrupt): leave nothing behind
-            _kill_group(proc)
-    output = tail.finish()
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        exited()
     return HookRun(
-        path.name, None if timed_out else proc.returncode, timed_out, output,
-        time.monotonic() - started,
+        path.name, None if timed_out else proc.returncode, timed_out,
+        output.decode(errors="replace"), time.monotonic() - started, stopped=stopped,
     )  # fmt: skip
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the hook's whole process group, SIGKILL after the grace time."""
-    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-            if sig is signal.SIGTERM:
-                # The leader is gone; children that ignored SIGTERM are not spared.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _supervise(
+    proc: subprocess.Popen[bytes], deadline: float, exited: Callable[[], None]
+) -> tuple[bytes, bool]:
+    """Wait for the hook while keeping its output's tail; enforce its time limit.
+
+    One thread and a selector: the output pipe and, where the kernel has
+    them, a pidfd that wakes us when the hook exits (else a poll every
+    EXIT_POLL_S). Calls ``exited`` once the hook exited and its group got
+    SIGKILL, before the output is drained. Returns the output tail and
+    whether the time limit hit.
+    """
+    stream = proc.stdout
+    assert stream is not None  # stdout=PIPE
+    kept = bytearray()
+    timed_out = False
+    kill_at: float | None = None  #: SIGKILL due (after a SIGTERM on the time limit)
+    pidfd = _pidfd(proc.pid)
+    with contextlib.ExitStack() as stack:
+        stack.callback(stream.close)
+        if pidfd is not None:
+            stack.callback(os.close, pidfd)
+        selector = stack.enter_context(selectors.DefaultSelector())
+        selector.register(stream, selectors.EVENT_READ)
+        if pidfd is not None:
+            selector.register(pidfd, selectors.EVENT_READ)
+        while proc.poll() is None:
+            now = time.monotonic()
+            if not timed_out and now >= deadline:
+                timed_out = True
+                _signal_group(proc, signal.SIGTERM)
+                kill_at = now + KILL_GRACE_S
+            elif kill_at is not None and now >= kill_at:
+                _signal_group(proc, signal.SIGKILL)
+                kill_at = None
+            wake_at = kill_at if timed_out else deadline
+            wait_s = None if wake_at is None else max(0.0, wake_at - now)
+            if pidfd is None:
+                wait_s = EXIT_POLL_S if wait_s is None else min(wait_s, EXIT_POLL_S)
+            for key, _ in selector.select(wait_s):
+                if key.fileobj is stream and not _read(stream, kept):
+                    selector.unregister(stream)
+        # The hook is gone: nothing of its group outlives it (daemons leave it with setsid).
+        _signal_group(proc, signal.SIGKILL)
+        exited()
+        if pidfd is not None:
+            selector.unregister(pidfd)
+        drain_until = time.monotonic() + OUTPUT_DRAIN_S
+        while selector.get_map():
+            wait_s = drain_until - time.monotonic()
+            if wait_s <= 0:
+                break
+            for _ in selector.select(wait_s):
+                if not _read(stream, kept):
+                    selector.unregister(stream)
+    return bytes(kept), timed_out
 
 
-class _Tail:
-    """Reads a hook's output in a thread, keeping only the last OUTPUT_TAIL_BYTES."""
+def _read(stream: IO[bytes], kept: bytearray) -> bool:
+    """Read what is there into the tail; False at the end of the output."""
+    try:
+        chunk = os.read(stream.fileno(), READ_BYTES)
+    except OSError:
+        return False
+    kept += chunk
+    del kept[:-OUTPUT_TAIL_BYTES]
+    return bool(chunk)
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self._stream = proc.stdout
-        self._kept = bytearray()
-        self._thread = threading.Thread(target=self._read, name="hook-output", daemon=True)
-        self._thread.start()
 
-    def _read(self) -> None:
-        stream = self._stream
-        if stream is None:
-            return
-        fd = stream.fileno()
-        with contextlib.suppress(OSError, ValueError):
-            while chunk := os.read(fd, READ_BYTES):
-                self._kept += chunk
-                del self._kept[:-OUTPUT_TAIL_BYTES]
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable once ``pid`` exits (Linux 5.3+), or None without."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
-    def finish(self) -> str:
-        self._thread.join(OUTPUT_DRAIN_S)
-        kept = bytes(self._kept)
-        if not self._thread.is_alive() and self._stream is not None:
-            self._stream.close()
-        return kept.decode(errors="replace")
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the hook's process group (its pid: it leads a session of its own)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def describe(run: HookRun, timeout_s: float) -> str:
     """A one-paragraph reason for a failed hook run, ending with its output tail."""
-    if run.start_error:
+    if run.stopped:
+        head = f"hook {run.name} was stopped: the gateway is closing"
+    elif run.start_error:
         head = f"hook {run.name} could not be started: {run.start_error}"
     elif run.timed_out:
         head = f"hook {run.name} did not finish within {timeout_s:g} s and was killed"
@@ -276,6 +415,15 @@ class HookRunner:
 
     def __init__(self, config: HooksConfig) -> None:
         self.config = config
+        self._groups = HookGroups()
+
+    def close(self) -> None:
+        """End the hooks running now (SIGTERM, then SIGKILL after KILL_GRACE_S); run no more.
+
+        Boundaries running or run afterwards return STOPPED; error hooks no
+        longer run. Blocks for at most about twice KILL_GRACE_S.
+        """
+        self._groups.close()
 
     def run(
         self, phase: Phase, when: When, env: Mapping[str, str], *, start: int = 0
@@ -295,7 +443,12 @@ class HookRunner:
         ran = 0
         for index in range(start, len(hooks)):
             path = hooks[index]
-            result = run_hook(path, env, self.config.timeout_s)
+            result = run_hook(path, env, self.config.timeout_s, groups=self._groups)
+            if result.stopped:
+                return BoundaryResult(
+                    Verdict.STOPPED, path.name, index, describe(result, self.config.timeout_s),
+                    result.output, ran,
+                )  # fmt: skip
             ran += 1
             log.info(
                 "hook %s: %s in %.1f s", path.name,
@@ -323,8 +476,12 @@ class HookRunner:
         except HookSetupError as exc:
             log.warning("%s", exc)
             return 0
+        ran = 0
         for path in hooks:
-            result = run_hook(path, env, self.config.timeout_s)
+            result = run_hook(path, env, self.config.timeout_s, groups=self._groups)
+            if result.stopped:
+                break
+            ran += 1
             if result.exit_code != 0:
                 log.warning("%s", describe(result, self.config.timeout_s))
-        return len(hooks)
+        return ran

@@ -7,7 +7,9 @@ folder; the agent-level behaviour (deferral, caps, reports) is in
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -15,10 +17,15 @@ from pathlib import Path
 
 import pytest
 
+import gateway_proxy.hooks as hooks_module
+from gateway_proxy.agent import GatewayAgent
+from gateway_proxy.config import GatewayConfig
 from gateway_proxy.drivers import Phase, When
 from gateway_proxy.hooks import (
+    OUTPUT_DRAIN_S,
     OUTPUT_TAIL_BYTES,
     RETRY_LATER_EXIT,
+    BoundaryResult,
     HookRunner,
     HooksConfig,
     Verdict,
@@ -27,6 +34,7 @@ from gateway_proxy.hooks import (
     survey,
 )
 from otaproto.errors import InvalidInput
+from tests.node_fixtures import TRUST
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SHOAL_NODE": "n1"}
 
@@ -187,3 +195,165 @@ def test_error_hooks_all_run_whatever_they_exit_with(tmp_path: Path) -> None:
     write_hook(hooks, "Flash_Error_30_c", f"echo c >> {log}")
     assert HookRunner(HooksConfig(hooks)).run_errors(Phase.FLASH, ENV) == 3
     assert log.read_text().split() == ["a", "b", "c"]
+
+
+def count_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def dead(pid: int) -> bool:
+    """True once ``pid`` no longer runs: no such process, or a zombie nobody reaps yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return gone(pid)
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid a hook wrote to ``path`` (via a rename, so never half written), once it did."""
+    try:
+        return int(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def kill_leftovers(*pid_files: Path) -> None:
+    """Test cleanup: SIGKILL, by pid, whatever a hook of a failing test left running."""
+    for pid_file in pid_files:
+        pid = read_pid(pid_file)
+        if pid is not None and not dead(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_hook_that_leaves_a_child_behind_ends_at_once_and_so_does_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    if not pidfd:  # kernels before 5.3: the runner looks every EXIT_POLL_S instead
+        monkeypatch.setattr(hooks_module, "_pidfd", lambda pid: None)
+    hooks = tmp_path / "hooks"
+    child = tmp_path / "child"
+    path = write_hook(
+        hooks, "Flash_Enter_10_background",
+        f"echo starting; sleep 60 & echo $! > {child}.new; mv {child}.new {child}; echo done",
+    )  # fmt: skip
+    fds, threads = count_fds(), set(threading.enumerate())
+    try:
+        for _ in range(4):
+            started = time.monotonic()
+            run = run_hook(path, ENV, 10)
+            assert time.monotonic() - started < OUTPUT_DRAIN_S / 2
+            assert (run.exit_code, run.output) == (0, "starting\ndone\n")
+            pid = read_pid(child)
+            assert pid is not None
+            wait_until(lambda pid=pid: dead(pid), 5, "the hook's background child to end")  # type: ignore[misc]
+            child.unlink()
+        assert count_fds() == fds
+        assert set(threading.enumerate()) == threads
+    finally:
+        kill_leftovers(child)
+
+
+def test_a_daemon_that_left_the_group_survives_and_costs_at_most_the_drain_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hooks_module, "OUTPUT_DRAIN_S", 0.3)
+    hooks = tmp_path / "hooks"
+    daemon = tmp_path / "daemon"
+    # setsid: out of the hook's group, but still holding the output pipe.
+    path = write_hook(
+        hooks, "Commit_Leave_10_daemon",
+        f"setsid sleep 60 & echo $! > {daemon}.new; mv {daemon}.new {daemon}; echo left",
+    )  # fmt: skip
+    fds, threads = count_fds(), set(threading.enumerate())
+    try:
+        started = time.monotonic()
+        run = run_hook(path, ENV, 10)
+        assert 0.3 <= time.monotonic() - started < 5
+        assert (run.exit_code, run.output) == (0, "left\n")
+        pid = read_pid(daemon)
+        assert pid is not None and not dead(pid)
+        assert count_fds() == fds
+        assert set(threading.enumerate()) == threads
+    finally:
+        kill_leftovers(daemon)
+
+
+def run_in_thread(
+    runner: HookRunner, phase: Phase, when: When
+) -> tuple[threading.Event, list[BoundaryResult]]:
+    """Run a boundary in a worker thread, as the agent does; the event is set when it returned."""
+    done = threading.Event()
+    results: list[BoundaryResult] = []
+
+    def work() -> None:
+        try:
+            results.append(runner.run(phase, when, ENV))
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="test-hook-worker", daemon=True).start()
+    return done, results
+
+
+SLOW_HOOK = (
+    "{trap}echo $$ > {dir}/leader.new; mv {dir}/leader.new {dir}/leader; echo run >> {dir}/log; "
+    "sleep 60 & echo $! > {dir}/child.new; mv {dir}/child.new {dir}/child; echo started; wait"
+)
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_closing_the_runner_ends_a_hook_still_running_and_refuses_new_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignores_sigterm: bool
+) -> None:
+    monkeypatch.setattr(hooks_module, "KILL_GRACE_S", 0.3)
+    hooks = tmp_path / "hooks"
+    trap = "trap '' TERM; " if ignores_sigterm else ""
+    write_hook(hooks, "Commit_Enter_10_slow", SLOW_HOOK.format(trap=trap, dir=tmp_path))
+    runner = HookRunner(HooksConfig(hooks, timeout_s=60))
+    try:
+        done, results = run_in_thread(runner, Phase.COMMIT, When.ENTER)
+        wait_until(lambda: (tmp_path / "child").exists(), 10, "the hook to start its child")
+        runner.close()
+        assert done.wait(10), "the boundary did not return after close()"
+        [result] = results
+        assert result.verdict is Verdict.STOPPED
+        assert (result.hook, result.index) == ("Commit_Enter_10_slow", 0)
+        assert result.reason == (
+            "hook Commit_Enter_10_slow was stopped: the gateway is closing: started"
+        )
+        for name in ("leader", "child"):
+            pid = read_pid(tmp_path / name)
+            assert pid is not None
+            wait_until(lambda pid=pid: dead(pid), 10, f"the hook's {name} to end")  # type: ignore[misc]
+        # After close nothing starts: the boundary runs again when the gateway does.
+        again = runner.run(Phase.COMMIT, When.ENTER, ENV)
+        assert (again.verdict, again.ran) == (Verdict.STOPPED, 0)
+        assert runner.run_errors(Phase.COMMIT, ENV) == 0
+        assert (tmp_path / "log").read_text() == "run\n"
+    finally:
+        kill_leftovers(tmp_path / "leader", tmp_path / "child")
+
+
+def test_closing_the_gateway_agent_ends_its_running_hooks(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    write_hook(hooks, "Reboot_Enter_10_slow", SLOW_HOOK.format(trap="", dir=tmp_path))
+    config = GatewayConfig(
+        gateway_id="gw1", data_dir=tmp_path / "gw", trust=(), mqtt_host="-", mqtt_port=1,
+        password="-", nodes=(), hooks=HooksConfig(hooks, timeout_s=60),
+    )  # fmt: skip
+    agent = GatewayAgent(config, TRUST)
+    try:
+        done, results = run_in_thread(agent._hooks, Phase.REBOOT, When.ENTER)
+        wait_until(lambda: (tmp_path / "child").exists(), 10, "the hook to start its child")
+        agent.close()
+        assert done.wait(10), "the boundary did not return after the agent closed"
+        assert results[0].verdict is Verdict.STOPPED
+        for name in ("leader", "child"):
+            pid = read_pid(tmp_path / name)
+            assert pid is not None
+            wait_until(lambda pid=pid: dead(pid), 10, f"the hook's {name} to end")  # type: ignore[misc]
+    finally:
+        kill_leftovers(tmp_path / "leader", tmp_path / "child")
