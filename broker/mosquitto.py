@@ -43,6 +43,13 @@ Rules:
 * ``max_queued_messages`` is raised to 100,000: mosquitto's default of 1,000
   silently drops QoS 1 messages for a slow but connected subscriber such as
   the orchestrator during a rollout (field notes §9).
+* ``max_inflight_messages`` (QoS 1 messages sent to one client and not yet
+  acknowledged) is raised from 20 to 1,000. The orchestrator acknowledges a
+  message only once the transaction it caused has committed, and commits a
+  batch at a time (``shoal serve``): with 20 in flight no batch could hold
+  more than 20 messages, and every batch waited a round trip for the next.
+  The window is also the orchestrator's back-pressure: what is beyond it
+  waits in the broker's queue (bounded above), not in the orchestrator.
 * Client ids are not tied to usernames: an account can take over the client
   id of another account's connection (MQTT's session takeover), which kicks
   that connection off. mosquitto 2.0 then starts a *clean* session for the
@@ -67,7 +74,7 @@ CONFIG_NAME = "mosquitto.conf"
 PASSWORD_FILE_NAME = "passwd"  # noqa: S105 (a file name, not a password)
 ACL_FILE_NAME = "acl"
 MAX_QUEUED_MESSAGES = 100_000
-MAX_INFLIGHT_MESSAGES = 20
+MAX_INFLIGHT_MESSAGES = 1000
 PERSISTENT_CLIENT_EXPIRATION = "14d"
 #: The user mosquitto drops to when started as root and the config names none.
 DEFAULT_BROKER_USER = "mosquitto"
@@ -155,6 +162,7 @@ def write_mosquitto_config(
         "retain_available false",
         "# The default of 1000 silently drops QoS 1 messages for a slow connected subscriber.",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        "# The orchestrator acknowledges after its commit: room for a whole batch in flight.",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         "# Persistent sessions of gateways that never come back are forgotten after this.",
         f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",

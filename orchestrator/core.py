@@ -9,11 +9,16 @@ Rules (spec: ``docs/topics.md``; architecture.md §End-to-end, §Security model)
   :meth:`Orchestrator.tick` on a timer, asks :meth:`Orchestrator.authenticate`
   on every CONNECT, and carries out the returned :class:`Effects` in order.
 * Each message is handled in one database transaction; its effects are
-  returned after the commit. Bad input (malformed, oversized, unknown keys or
-  message types, refused by the state machine) changes nothing, is logged,
-  and gets an ERROR on the gateway's ``down/error`` (or an error reply to an
-  operator). :meth:`Orchestrator.handle` and :meth:`Orchestrator.tick` never
-  raise: a bug is logged with its traceback and the message dropped.
+  returned after the commit. :meth:`Orchestrator.handle_batch` puts many
+  gateway messages in one transaction (one commit, one fsync), each in a
+  savepoint of its own, so every message still takes effect whole or not at
+  all; what the service acknowledges to the broker is then committed. Bad
+  input (malformed, oversized, unknown keys or message types, refused by the
+  state machine) changes nothing, is logged, and gets an ERROR on the
+  gateway's ``down/error`` (or an error reply to an operator).
+  :meth:`Orchestrator.handle`, :meth:`Orchestrator.handle_batch` and
+  :meth:`Orchestrator.tick` never raise: a bug is logged with its traceback
+  and the message dropped.
 * Only a valid message counts as a sign of life: it sets the gateway's
   ``last_seen`` and ``online`` (the STATE will sets it offline).
 * Messages from unknown or decommissioned gateways are dropped. A pending
@@ -37,9 +42,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -47,7 +53,7 @@ from typing import Any
 
 from orchestrator.audit import AuditLog
 from orchestrator.blocks import MAX_QUEUED_PER_GATEWAY, BlockServer
-from orchestrator.db import DB_FILE, check_sql_int, open_database
+from orchestrator.db import DB_FILE, check_sql_int, open_database, savepoint
 from orchestrator.deployments import FINAL, Deployments
 from orchestrator.effects import Effects, Outgoing
 from orchestrator.groups import Groups
@@ -55,10 +61,10 @@ from orchestrator.operators import OperatorApi
 from orchestrator.outbox import Command, Outbox
 from orchestrator.registry import (
     ORCHESTRATOR_USERNAME,
-    Gateway,
     GatewayState,
     OperatorRole,
     Registry,
+    Sender,
     parse_node_ids,
     parse_node_reports,
 )
@@ -80,6 +86,7 @@ MAX_SECRET_FILE_BYTES = 1024
 _MAX_TOPIC_LOG = 200
 #: The last level of an operator's request topics.
 _CHANNELS = frozenset(c.value for c in Channel)
+_OPERATOR_PREFIX = f"{ROOT}/ops/"
 
 
 class Orchestrator:
@@ -95,6 +102,7 @@ class Orchestrator:
         resend_after_s: float = 10.0,
         blocks_per_tick: int = 64,
         rollout_check_s: float = 1.0,
+        commands_per_tick: int = 1000,
     ) -> None:
         """Open (or create) ``data_dir/shoal.db`` and ``data_dir/artifacts/``.
 
@@ -103,8 +111,11 @@ class Orchestrator:
         """
         if not 0 < block_bytes <= fleet.MAX_BLOCK_BYTES:
             raise UsageError(f"block_bytes must be 1..{fleet.MAX_BLOCK_BYTES}")
-        if resend_after_s <= 0 or blocks_per_tick <= 0 or rollout_check_s <= 0:
-            raise UsageError("resend_after_s, blocks_per_tick and rollout_check_s must be positive")
+        if min(resend_after_s, blocks_per_tick, rollout_check_s, commands_per_tick) <= 0:
+            raise UsageError(
+                "resend_after_s, blocks_per_tick, rollout_check_s and commands_per_tick"
+                " must be positive"
+            )
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -112,6 +123,7 @@ class Orchestrator:
         self._clock = clock
         self._resend_after_s = resend_after_s
         self._blocks_per_tick = blocks_per_tick
+        self._commands_per_tick = commands_per_tick
         self.orchestrator_secret = _load_or_create_secret(data_dir / SECRET_FILE)
         self._db = open_database(data_dir / DB_FILE, clock)
         self._registry = Registry(self._db, clock)
@@ -128,7 +140,7 @@ class Orchestrator:
         #: Blocks sent per (gateway, artifact) since this start: what deploy.status shows.
         self._served: Counter[tuple[str, bytes]] = Counter()
         self._operators = OperatorApi(self)
-        self._up: dict[Up, Callable[[Gateway, bytes], Effects]] = {
+        self._up: dict[Up, Callable[[Sender, bytes], Effects]] = {
             Up.HELLO: self._on_hello,
             Up.STATE: self._on_state,
             Up.INVENTORY: self._on_inventory,
@@ -225,8 +237,51 @@ class Orchestrator:
             log.exception("internal error on a message on %.*r", _MAX_TOPIC_LOG, topic)
         return Effects()
 
+    def handle_batch(self, messages: Sequence[tuple[str, bytes]]) -> Effects:
+        """Many messages as ``(topic, payload)``; their effects in order, after the commits.
+
+        Consecutive gateway messages share one transaction, each in a
+        savepoint of its own: one that is refused (or hits a bug) changes
+        nothing and gets its ERROR, the others keep what they did, exactly as
+        if each had been handled alone. An operator request runs in its own
+        transaction between the gateway messages around it (it may take
+        seconds, and its refusal is audited after its rollback). When a shared
+        transaction cannot be committed (disk full, I/O error) it is rolled
+        back whole and its messages are handled again one by one; gateway
+        messages are idempotent (a report carries its ``seq``, an ack its
+        command number), so a message applied twice counts once. Never raises.
+        """
+        effects = Effects()
+        run: list[tuple[str, bytes]] = []
+        for topic, payload in messages:
+            if topic.startswith(_OPERATOR_PREFIX):
+                effects.extend(self._handle_together(run))
+                run = []
+                effects.extend(self.handle(topic, payload))
+            else:
+                run.append((topic, payload))
+        return effects.extend(self._handle_together(run))
+
+    def _handle_together(self, messages: list[tuple[str, bytes]]) -> Effects:
+        if len(messages) < 2:
+            return Effects().extend(*(self.handle(t, p) for t, p in messages))
+        effects = Effects()
+        try:
+            with self._db.atomic():
+                for topic, payload in messages:
+                    effects.extend(self.handle(topic, payload))
+                    if not self._db.conn.in_transaction:  # an error like SQLITE_FULL ended it
+                        raise sqlite3.DatabaseError("SQLite rolled the batch's transaction back")
+        except Exception:
+            log.exception("cannot commit %d messages together: handling them one by one",
+                          len(messages))  # fmt: skip
+            effects = Effects()
+            for topic, payload in messages:
+                effects.extend(self.handle(topic, payload))
+        return effects
+
     def _gateway_message(self, gw: str, kind: str, topic: str, payload: bytes) -> Effects:
-        gateway = self._registry.gateway(gw)
+        gateway = self._registry.sender(gw)
         if gateway is None or gateway.state is GatewayState.DECOMMISSIONED:
             what = "unknown" if gateway is None else "decommissioned"
             log.warning("dropping %.32r from %s gateway %s", kind, what, gw)
@@ -236,7 +291,7 @@ class Orchestrator:
                 handler = self._up[Up(kind)]
             except ValueError:
                 raise MalformedError("topic", f"unknown message type {kind[:64]!r}") from None
-            with self._db.atomic():
+            with savepoint(self._db):
                 return handler(gateway, payload)
         except InvalidInput as exc:
             log.warning("refused %.32r from gateway %s: %s", kind, gw, exc)
@@ -244,7 +299,7 @@ class Orchestrator:
                 return Effects()
             return Effects([_error(gw, topic, str(exc))])
 
-    def _on_hello(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_hello(self, gateway: Sender, payload: bytes) -> Effects:
         m = fleet.decode_map(payload, fleet.HELLO, "hello")
         nodes = parse_node_ids(m["nodes"], "hello.nodes")
         handled = check_sql_int(m["handled_seq"], "hello.handled_seq")
@@ -257,7 +312,7 @@ class Orchestrator:
             self._deployments.acked(command)
         return self._send(self._outbox.unacked(gateway.id))
 
-    def _on_state(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_state(self, gateway: Sender, payload: bytes) -> Effects:
         online = fleet.decode_map(payload, fleet.STATE, "state")["online"]
         self._registry.seen(gateway.id, online=online)
         if not online:
@@ -265,14 +320,14 @@ class Orchestrator:
         log.info("gateway %s is %s", gateway.id, "online" if online else "offline")
         return Effects()
 
-    def _on_inventory(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_inventory(self, gateway: Sender, payload: bytes) -> Effects:
         m = fleet.decode_map(payload, fleet.INVENTORY, "inventory")
         reports = parse_node_reports(m["nodes"], "inventory.nodes")
         self._registry.record_reports(gateway.id, reports)
         self._registry.seen(gateway.id)
         return Effects()
 
-    def _on_ack(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_ack(self, gateway: Sender, payload: bytes) -> Effects:
         seq = check_sql_int(fleet.decode_map(payload, fleet.ACK, "ack")["seq"], "ack.seq")
         _require_accepted(gateway)
         command = self._outbox.ack(gateway.id, seq)
@@ -281,7 +336,7 @@ class Orchestrator:
         self._registry.seen(gateway.id)
         return Effects()
 
-    def _on_status(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_status(self, gateway: Sender, payload: bytes) -> Effects:
         m = fleet.decode_map(payload, fleet.STATUS, "status")
         _require_accepted(gateway)
         node = self._deployments.apply_status(gateway.id, m)
@@ -290,7 +345,7 @@ class Orchestrator:
         self._registry.seen(gateway.id)
         return Effects()
 
-    def _on_fetch(self, gateway: Gateway, payload: bytes) -> Effects:
+    def _on_fetch(self, gateway: Sender, payload: bytes) -> Effects:
         digest, indices = fleet.decode_fetch(payload)
         _require_accepted(gateway)
         record = self._store.get(digest)
@@ -322,8 +377,9 @@ class Orchestrator:
         """Drive rollouts, re-send what is due, then serve queued blocks fairly. Never raises.
 
         Due: unacknowledged commands of accepted, online gateways never sent
-        or last sent at least ``resend_after_s`` ago. At most
-        ``blocks_per_tick`` blocks, one per gateway in turn.
+        or last sent at least ``resend_after_s`` ago, at most
+        ``commands_per_tick`` of them (the rest go with the next ticks). At
+        most ``blocks_per_tick`` blocks, one per gateway in turn.
         """
         effects = Effects()
         try:
@@ -332,7 +388,9 @@ class Orchestrator:
             log.exception("internal error driving rollouts")
         try:
             with self._db.atomic():
-                due = self._outbox.due(self._clock(), self._resend_after_s)
+                due = self._outbox.due(
+                    self._clock(), self._resend_after_s, limit=self._commands_per_tick
+                )
                 effects.extend(self._send(due))
         except Exception:
             log.exception("internal error re-sending commands")
@@ -571,7 +629,7 @@ class Orchestrator:
         }
 
 
-def _require_accepted(gateway: Gateway) -> None:
+def _require_accepted(gateway: Sender) -> None:
     if gateway.state is not GatewayState.ACCEPTED:
         raise InvalidInput(f"gateway {gateway.id} is {gateway.state}, not accepted")
 

@@ -30,7 +30,9 @@ Rules (architecture.md §State machines; ``docs/topics.md`` §Gateway messages):
   except that an operator's retry takes ``failed``, ``rolled_back`` and
   ``aborted`` back to ``pending``.
 * Every accepted move is a row in ``events`` (deployment, gateway, node, at,
-  state, detail JSON), written in the same transaction as the move.
+  state, detail JSON), written in the same transaction as the move; so is
+  every other change of a node's row. The rollout engine relies on it: it
+  reads again only the nodes with events newer than the last it read.
 * ``deferred`` is a gateway's word for "a state hook asked to try later":
   nothing was written to the node for the phase it held back, and any active
   state may follow it (the gateway retries on its own, a bounded number of
@@ -53,7 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -61,8 +63,8 @@ from typing import Any
 from sqlite_utils import Database
 
 from orchestrator import diagrams
-from orchestrator.db import check_sql_int, one
-from orchestrator.outbox import Command, CommandType, Outbox
+from orchestrator.db import check_sql_int, fetch_all, one
+from orchestrator.outbox import Command, CommandType, NewCommand, Outbox
 from orchestrator.registry import GatewayState, Node, Registry
 from orchestrator.store import ArtifactRecord, ArtifactStore, parse_hex_digest
 from otaproto.errors import InvalidInput, MalformedError, UsageError
@@ -112,7 +114,8 @@ ACTIVE: tuple[DeploymentState, ...] = (
     S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING,
 )  # fmt: skip
 FINAL = frozenset(S) - frozenset(ACTIVE)
-_ACTIVE_JSON = json.dumps([str(s) for s in ACTIVE])
+#: The active states as an SQL list (our own constants), so that the index on state is used.
+_ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
 
 _DOWNLOAD = frozenset({S.DOWNLOADING, S.DOWNLOADED})  # the gateway fetches and rebuilds
 _INSTALL = frozenset({S.FLASHING, S.VERIFYING, S.REBOOTING, S.CONFIRMING})  # serial + boot
@@ -393,8 +396,7 @@ class Deployments:
             shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
             raise InvalidInput(shown + (f" (and {more} more)" if more > 0 else ""))
         deployment = self.open(record)
-        for p in plans:
-            self.add(deployment, p)
+        self.add_many(deployment, plans)
         log.info(
             "deployment %s of %s %s created for %d nodes",
             deployment, record.name, record.version, len(plans),
@@ -415,20 +417,42 @@ class Deployments:
 
         The caller checked that the node has no other deployment running.
         """
+        self.add_many(deployment, [p])
+
+    def add_many(self, deployment: str, plans: Sequence[Plan]) -> None:
+        """:meth:`add` for many nodes, in order, with a few statements for all of them.
+
+        Each node's row, its deploy command (when it has an artifact to fetch)
+        and its first event, as :meth:`add` writes them, in the caller's
+        transaction. The caller checked that no node has another deployment
+        running.
+        """
+        if not plans:
+            return
         now = self._clock()
-        self._db.execute(
+        self._db.conn.executemany(
             "INSERT INTO deployment_nodes (deployment, gateway, node, state, artifact, full,"
             " reason, updated, entered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                deployment, p.gateway, p.node, str(p.state),
-                None if p.chosen is None else p.chosen.hex,
-                None if p.full is None else p.full.hex, p.reason, now, now,
+                (
+                    deployment, p.gateway, p.node, str(p.state),
+                    None if p.chosen is None else p.chosen.hex,
+                    None if p.full is None else p.full.hex, p.reason, now, now,
+                )
+                for p in plans
             ],
         )  # fmt: skip
-        detail: dict[str, Any] = {"reason": p.reason}
-        if p.chosen is not None:
-            detail.update(self._deploy_command(deployment, 0, p))
-        self._event(deployment, p.gateway, p.node, p.state, detail)
+        sending = [p for p in plans if p.chosen is not None]
+        commands = iter(
+            self._outbox.enqueue_many([self._new_deploy(deployment, 0, p) for p in sending])
+        )
+        events: list[tuple[str, str, DeploymentState, dict[str, Any]]] = []
+        for p in plans:
+            detail: dict[str, Any] = {"reason": p.reason}
+            if p.chosen is not None:
+                detail.update(_command_detail(p.chosen, next(commands)))
+            events.append((p.gateway, p.node, p.state, detail))
+        self._events_many(deployment, events)
 
     def plan(self, record: ArtifactRecord, node: Node) -> Plan:
         """:func:`plan_node` with the stored deltas to ``record``'s image. Raises InvalidInput."""
@@ -437,13 +461,17 @@ class Deployments:
     def _deploy_command(self, deployment: str, attempt: int, p: Plan) -> dict[str, Any]:
         if p.chosen is None:
             raise UsageError(f"no artifact chosen for {p.gateway}/{p.node}")
-        command = self._outbox.enqueue(
+        command = self._outbox.enqueue_many([self._new_deploy(deployment, attempt, p)])[0]
+        return _command_detail(p.chosen, command)
+
+    @staticmethod
+    def _new_deploy(deployment: str, attempt: int, p: Plan) -> NewCommand:
+        if p.chosen is None:
+            raise UsageError(f"no artifact chosen for {p.gateway}/{p.node}")
+        return NewCommand(
             p.gateway, CommandType.DEPLOY, wire_id(deployment, attempt), p.node,
             artifact=p.chosen.ref(), full=None if p.full is None else p.full.ref(),
         )  # fmt: skip
-        return {
-            "artifact": p.chosen.hex, "kind": str(p.chosen.payload_kind), "command": command.seq,
-        }  # fmt: skip
 
     def _plan(
         self, record: ArtifactRecord, target: Any, seen: set[str], deltas: list[ArtifactRecord]
@@ -510,7 +538,8 @@ class Deployments:
         record = self._store.get(bytes.fromhex(row["artifact"]))
         nodes: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
-        for n in self._db.query(
+        for n in fetch_all(
+            self._db,
             "SELECT * FROM deployment_nodes WHERE deployment = ? ORDER BY gateway, node",
             [deployment],
         ):
@@ -552,7 +581,8 @@ class Deployments:
 
     def _events(self, deployment: str, gateway: str, node: str, limit: int) -> list[dict[str, Any]]:
         rows = list(
-            self._db.query(
+            fetch_all(
+                self._db,
                 "SELECT at, state, detail FROM events WHERE deployment = ? AND gateway = ?"
                 " AND node = ? ORDER BY id DESC LIMIT ?",
                 [deployment, gateway, node, limit],
@@ -565,7 +595,8 @@ class Deployments:
 
     def of_node(self, gateway: str, node: str) -> list[dict[str, Any]]:
         """The deployments a node was part of, newest first (for ``devices.show``)."""
-        rows = self._db.query(
+        rows = fetch_all(
+            self._db,
             "SELECT dn.deployment, dn.state, dn.updated, d.artifact FROM deployment_nodes dn"
             " JOIN deployments d ON d.id = dn.deployment WHERE dn.gateway = ? AND dn.node = ?"
             " ORDER BY d.created DESC, dn.deployment",
@@ -581,7 +612,8 @@ class Deployments:
 
     def node_rows(self, deployment: str) -> list[NodeRow]:
         """Every node of a deployment, by gateway and node."""
-        rows = self._db.query(
+        rows = fetch_all(
+            self._db,
             f"SELECT {_ROW_COLUMNS} FROM deployment_nodes WHERE deployment = ?"  # noqa: S608
             " ORDER BY gateway, node",
             [deployment],
@@ -716,8 +748,8 @@ class Deployments:
         if row.attempt:
             detail["attempt"] = row.attempt
         self._event(row.deployment, gateway, row.node, new, detail)
-        if new is not row.state:
-            log.info("%s: %s -> %s", row.where, row.state, new)
+        if new is not row.state:  # DEBUG: one line per node and step is too many for a fleet
+            log.debug("%s: %s -> %s", row.where, row.state, new)
         return NodeRow(
             row.deployment, gateway, row.node, new, m["seq"], row.attempt, entered, retryable,
             reason,
@@ -745,16 +777,20 @@ class Deployments:
         """True when a running deployment of ``gateway`` names this artifact (or its fallback)."""
         found = one(
             self._db,
-            "SELECT 1 FROM deployment_nodes WHERE gateway = ? AND (artifact = ? OR full = ?)"
-            " AND state IN (SELECT value FROM json_each(?)) LIMIT 1",
-            [gateway, artifact.hex(), artifact.hex(), _ACTIVE_JSON],
+            "SELECT 1 FROM deployment_nodes WHERE gateway = ? AND (artifact = ? OR full = ?)"  # noqa: S608
+            f" AND state IN ({_ACTIVE_SQL}) LIMIT 1",
+            [gateway, artifact.hex(), artifact.hex()],
         )
         return found is not None
 
     def active_deployment(self, gateway: str, node: str) -> str | None:
         """The deployment still running on a node, if any."""
-        rows = self._active_rows(gateway=gateway, node=node)
-        return rows[0].deployment if rows else None
+        row = self._db.execute(
+            "SELECT deployment FROM deployment_nodes WHERE gateway = ? AND node = ?"  # noqa: S608
+            f" AND state IN ({_ACTIVE_SQL}) ORDER BY deployment LIMIT 1",
+            [gateway, node],
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -768,15 +804,24 @@ class Deployments:
         return None if row is None else _as_row(row)
 
     def _active_rows(
-        self, *, deployment: str | None = None, gateway: str | None = None, node: str | None = None
+        self, *, deployment: str | None = None, gateway: str | None = None
     ) -> list[NodeRow]:
-        """The running node deployments that match every filter given."""
-        rows = self._db.query(
+        """The running node deployments of a deployment or of a gateway (or both).
+
+        Only the filters given are in the SQL, so that SQLite can use the index
+        for them (``:x IS NULL OR column = :x`` makes it scan every row).
+        """
+        where = [f"state IN ({_ACTIVE_SQL})"]
+        params: list[str] = []
+        for column, value in (("deployment", deployment), ("gateway", gateway)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = fetch_all(
+            self._db,
             f"SELECT {_ROW_COLUMNS} FROM deployment_nodes"  # noqa: S608
-            " WHERE (:d IS NULL OR deployment = :d) AND (:g IS NULL OR gateway = :g)"
-            " AND (:n IS NULL OR node = :n) AND state IN (SELECT value FROM json_each(:active))"
-            " ORDER BY deployment, gateway, node",
-            {"d": deployment, "g": gateway, "n": node, "active": _ACTIVE_JSON},
+            f" WHERE {' AND '.join(where)} ORDER BY deployment, gateway, node",
+            params,
         )
         return [_as_row(r) for r in rows]
 
@@ -800,18 +845,35 @@ class Deployments:
             ],
         )  # fmt: skip
         self._event(row.deployment, row.gateway, row.node, new, detail)
-        log.info("%s: %s -> %s", row.where, row.state, new)
+        log.debug("%s: %s -> %s", row.where, row.state, new)
 
     def _event(
         self, deployment: str, gateway: str, node: str, state: DeploymentState,
         detail: dict[str, Any],
     ) -> None:  # fmt: skip
-        clean = {k: v for k, v in detail.items() if v is not None}
-        self._db.execute(
+        self._events_many(deployment, [(gateway, node, state, detail)])
+
+    def _events_many(
+        self, deployment: str, events: list[tuple[str, str, DeploymentState, dict[str, Any]]]
+    ) -> None:
+        """One ``events`` row per (gateway, node, state, detail), in order."""
+        now = self._clock()
+        self._db.conn.executemany(
             "INSERT INTO events (deployment, gateway, node, at, state, detail)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            [deployment, gateway, node, self._clock(), str(state), json.dumps(clean)],
-        )
+            [
+                (
+                    deployment, gateway, node, now, str(state),
+                    json.dumps({k: v for k, v in detail.items() if v is not None}),
+                )
+                for gateway, node, state, detail in events
+            ],
+        )  # fmt: skip
+
+
+def _command_detail(chosen: ArtifactRecord, command: Command) -> dict[str, Any]:
+    """What a node's event says about the deploy command it was sent."""
+    return {"artifact": chosen.hex, "kind": str(chosen.payload_kind), "command": command.seq}
 
 
 def _as_row(row: dict[str, Any]) -> NodeRow:

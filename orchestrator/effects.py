@@ -27,8 +27,9 @@ class Effects:
     outgoing: list[Outgoing] = field(default_factory=list)
     disconnect: list[str] = field(default_factory=list)
 
-    def extend(self, other: Effects) -> Effects:
-        """Append ``other``'s effects after these; returns self."""
-        self.outgoing.extend(other.outgoing)
-        self.disconnect.extend(other.disconnect)
+    def extend(self, *others: Effects) -> Effects:
+        """Append the effects of ``others`` after these, in order; returns self."""
+        for other in others:
+            self.outgoing.extend(other.outgoing)
+            self.disconnect.extend(other.disconnect)
         return self

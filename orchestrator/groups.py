@@ -188,7 +188,7 @@ class Groups:
         nodes_text = filter_text = None
         if nodes is not None:
             targets = parse_targets(nodes, "nodes")
-            self._require_known(targets)
+            self._require_known(targets, self._known(targets))
             nodes_text = json.dumps([f"{g}/{n}" for g, n in targets])
         else:
             filter_text = json.dumps(NodeFilter.parse(node_filter).to_map(), sort_keys=True)
@@ -234,8 +234,9 @@ class Groups:
         if kind == "filter":
             return self._match(NodeFilter.parse(target["filter"], "target.filter"))
         targets = parse_targets(target["nodes"], "target.nodes")
-        self._require_known(targets)
-        return self._named(targets)
+        known = self._known(targets)
+        self._require_known(targets, known)
+        return self._named(targets, known)
 
     def _get(self, name: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not ID_PATTERN.match(name):
@@ -260,13 +261,14 @@ class Groups:
         ]
         return Resolved(nodes, [])
 
-    def _named(self, targets: list[tuple[str, str]]) -> Resolved:
+    def _named(self, targets: list[tuple[str, str]], known: _Known | None = None) -> Resolved:
         nodes: list[Node] = []
         excluded: list[tuple[str, str]] = []
+        known = self._known(targets) if known is None else known
         for gateway_id, node_id in targets:
             name = f"{gateway_id}/{node_id}"
-            gateway = self._registry.gateway(gateway_id)
-            node = self._registry.node(gateway_id, node_id)
+            gateway, of_gateway = known[gateway_id]
+            node = of_gateway.get(node_id)
             if gateway is None or node is None:
                 excluded.append((name, "unknown to the registry"))
             elif gateway.state is not GatewayState.ACCEPTED:
@@ -277,10 +279,25 @@ class Groups:
                 nodes.append(node)
         return Resolved(nodes, excluded, named=True)
 
-    def _require_known(self, targets: list[tuple[str, str]]) -> None:
+    def _require_known(self, targets: list[tuple[str, str]], known: _Known) -> None:
         for gateway_id, node_id in targets:
-            if self._registry.node(gateway_id, node_id) is None:
+            if node_id not in known[gateway_id][1]:
                 raise InvalidInput(f"unknown node {gateway_id}/{node_id}")
+
+    def _known(self, targets: list[tuple[str, str]]) -> _Known:
+        """Each target gateway with its nodes (present or not), read once per gateway:
+        a target of 10,000 nodes on 1,000 gateways is 2,000 reads, not 20,000."""
+        known: _Known = {}
+        for gateway_id, _ in targets:
+            if gateway_id not in known:
+                gateway = self._registry.gateway(gateway_id)
+                nodes = [] if gateway is None else self._registry.nodes(gateway_id)
+                known[gateway_id] = (gateway, {n.node: n for n in nodes})
+        return known
+
+
+#: Gateway id -> the gateway (None: unknown) and its nodes by id.
+_Known = dict[str, tuple[Gateway | None, dict[str, Node]]]
 
 
 def check_target(target: Any) -> str:

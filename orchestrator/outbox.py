@@ -14,20 +14,24 @@ Rules (spec: ``docs/topics.md`` §Principles; architecture.md §End-to-end):
   order: all of them on HELLO, and by the timer those sent longer ago than
   the re-send interval (or never), while the gateway is accepted and online.
   The broker cannot be trusted to redeliver (amqtt drops unacked QoS 1
-  after 5 s).
+  after 5 s). The timer's pass is capped (:meth:`Outbox.due` ``limit``): a
+  fleet that acknowledges slowly (10,000 commands of a rollout not acked
+  within the interval) gets its re-sends spread over several ticks instead of
+  all of them at once, in the same order.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from sqlite_utils import Database
 
-from orchestrator.db import one
+from orchestrator.db import fetch_all, one
 from orchestrator.registry import GatewayState
 from otaproto import fleet
 from otaproto.errors import InvalidInput, UsageError
@@ -57,6 +61,18 @@ class Command:
     acked_at: float | None
 
 
+@dataclass(frozen=True)
+class NewCommand:
+    """A command to number and store (:meth:`Outbox.enqueue_many`)."""
+
+    gateway: str
+    type: CommandType
+    deployment: str
+    node: str
+    artifact: fleet.ArtifactRef | None = None
+    full: fleet.ArtifactRef | None = None
+
+
 class Outbox:
     """Commands of every gateway in the database. The caller holds the transaction."""
 
@@ -75,24 +91,53 @@ class Outbox:
         full: fleet.ArtifactRef | None = None,
     ) -> Command:
         """Number and store a command for ``gateway``. Raises UsageError for an unknown one."""
-        row = one(self._db, "SELECT next_seq FROM gateways WHERE id = ?", [gateway])
-        if row is None:
-            raise UsageError(f"no gateway {gateway!r} to send a command to")
-        seq = int(row["next_seq"])
-        body: dict[str, Any] = {
-            "seq": seq, "type": str(kind), "deployment": deployment, "node": node,
-            "artifact": None if artifact is None else artifact.to_map(),
-            "full": None if full is None else full.to_map(),
-        }  # fmt: skip
-        payload = fleet.encode_map(body)
-        fleet.decode_map(payload, fleet.COMMAND, "command")  # what we send meets the contract
-        self._db.execute("UPDATE gateways SET next_seq = ? WHERE id = ?", [seq + 1, gateway])
-        self._db.execute(
+        return self.enqueue_many([NewCommand(gateway, kind, deployment, node, artifact, full)])[0]
+
+    def enqueue_many(self, new: Sequence[NewCommand]) -> list[Command]:
+        """Number and store commands, in order (each gateway's get its next numbers).
+
+        One statement for all of them, not a few per command: a rollout of
+        10,000 nodes queues 10,000 commands in one request. Raises UsageError
+        for an unknown gateway (nothing is stored then).
+        """
+        if not new:
+            return []
+        names = list(dict.fromkeys(c.gateway for c in new))
+        next_seq = {
+            str(row[0]): int(row[1])
+            for row in self._db.execute(
+                "SELECT id, next_seq FROM gateways WHERE id IN (SELECT value FROM json_each(?))",
+                [json.dumps(names)],
+            )
+        }
+        missing = [g for g in names if g not in next_seq]
+        if missing:
+            raise UsageError(f"no gateway {missing[0]!r} to send a command to")
+        now = self._clock()
+        out: list[Command] = []
+        for c in new:
+            seq = next_seq[c.gateway]
+            next_seq[c.gateway] = seq + 1
+            body: dict[str, Any] = {
+                "seq": seq, "type": str(c.type), "deployment": c.deployment, "node": c.node,
+                "artifact": None if c.artifact is None else c.artifact.to_map(),
+                "full": None if c.full is None else c.full.to_map(),
+            }  # fmt: skip
+            payload = fleet.encode_map(body)
+            fleet.decode_map(payload, fleet.COMMAND, "command")  # what we send meets the contract
+            out.append(
+                Command(c.gateway, seq, c.type, c.deployment, c.node, payload, None, 0, None)
+            )
+        self._db.conn.executemany(
             "INSERT INTO commands (gateway, seq, type, deployment, node, payload, created)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [gateway, seq, str(kind), deployment, node, payload, self._clock()],
+            [(c.gateway, c.seq, str(c.type), c.deployment, c.node, c.payload, now) for c in out],
         )
-        return Command(gateway, seq, kind, deployment, node, payload, None, 0, None)
+        self._db.conn.executemany(
+            "UPDATE gateways SET next_seq = ? WHERE id = ?",
+            [(next_seq[g], g) for g in names],
+        )
+        return out
 
     def last_issued(self, gateway: str) -> int:
         """The highest ``seq`` issued to ``gateway`` (0 before the first)."""
@@ -134,7 +179,8 @@ class Outbox:
             )
         news = [
             _command(r)
-            for r in self._db.query(
+            for r in fetch_all(
+                self._db,
                 "SELECT * FROM commands WHERE gateway = ? AND seq <= ? AND acked_at IS NULL"
                 " ORDER BY seq",
                 [gateway, handled_seq],
@@ -148,34 +194,51 @@ class Outbox:
 
     def unacked(self, gateway: str) -> list[Command]:
         """The gateway's unacknowledged commands, in ``seq`` order."""
-        rows = self._db.query(
-            "SELECT * FROM commands WHERE gateway = ? AND acked_at IS NULL ORDER BY seq", [gateway]
+        rows = fetch_all(
+            self._db,
+            "SELECT * FROM commands WHERE gateway = ? AND acked_at IS NULL ORDER BY seq",
+            [gateway],
         )
         return [_command(r) for r in rows]
 
-    def due(self, now: float, resend_after_s: float, *, unsent_only: bool = False) -> list[Command]:
+    def due(
+        self,
+        now: float,
+        resend_after_s: float,
+        *,
+        unsent_only: bool = False,
+        limit: int | None = None,
+    ) -> list[Command]:
         """Commands to (re-)send now: unacknowledged, to accepted online gateways.
 
         Those never sent, and (unless ``unsent_only``) those last sent at least
-        ``resend_after_s`` ago; by gateway, then ``seq``.
+        ``resend_after_s`` ago; by gateway, then ``seq``; the first ``limit``
+        of them (None: all). A limit cuts a gateway's commands after a lower
+        ``seq``, never before: the rest are due at the next call.
         """
-        rows = self._db.query(
+        rows = fetch_all(
+            self._db,
             "SELECT c.* FROM commands c JOIN gateways g ON g.id = c.gateway"
             " WHERE c.acked_at IS NULL AND g.state = ? AND g.online = 1"
-            " AND (c.sent_at IS NULL OR (? = 0 AND c.sent_at <= ?)) ORDER BY c.gateway, c.seq",
-            [str(GatewayState.ACCEPTED), int(unsent_only), now - resend_after_s],
+            " AND (c.sent_at IS NULL OR (? = 0 AND c.sent_at <= ?)) ORDER BY c.gateway, c.seq"
+            " LIMIT ?",
+            [
+                str(GatewayState.ACCEPTED),
+                int(unsent_only),
+                now - resend_after_s,
+                -1 if limit is None else limit,
+            ],
         )
         return [_command(r) for r in rows]
 
     def mark_sent(self, commands: list[Command]) -> None:
         """Record that these commands are being published now."""
         now = self._clock()
-        for c in commands:
-            self._db.execute(
-                "UPDATE commands SET sent_at = ?, send_count = send_count + 1"
-                " WHERE gateway = ? AND seq = ?",
-                [now, c.gateway, c.seq],
-            )
+        self._db.conn.executemany(
+            "UPDATE commands SET sent_at = ?, send_count = send_count + 1"
+            " WHERE gateway = ? AND seq = ?",
+            [(now, c.gateway, c.seq) for c in commands],
+        )
 
     def _get(self, gateway: str, seq: int) -> Command | None:
         row = one(self._db, "SELECT * FROM commands WHERE gateway = ? AND seq = ?", [gateway, seq])

@@ -41,7 +41,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from orchestrator.db import check_sql_int, one
+from orchestrator.db import check_sql_int, fetch_all, one
 from otaproto import fleet
 from otaproto.credentials import hash_secret, new_token, verify_secret
 from otaproto.errors import InvalidInput, MalformedError
@@ -117,6 +117,14 @@ class Gateway:
                 k: v for k, v in self.attributes.items() if k not in RESERVED_ATTRIBUTES
             },
         }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A gateway as a message from it needs it: who, and may it send this."""
+
+    id: str
+    state: GatewayState
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,12 @@ class Registry:
         row = one(self._db, "SELECT * FROM gateways WHERE id = ?", [gateway_id])
         return None if row is None else _gateway(row)
 
+    def sender(self, gateway_id: str) -> Sender | None:
+        """The id and state of a gateway, or None: all a message needs, read for each one."""
+        row = self._db.conn.execute("SELECT state FROM gateways WHERE id = ?", [gateway_id])
+        found = row.fetchone()
+        return None if found is None else Sender(gateway_id, GatewayState(found[0]))
+
     def require_gateway(self, gateway_id: str) -> Gateway:
         """The gateway with this id. Raises InvalidInput when there is none."""
         gateway = self.gateway(gateway_id) if ID_PATTERN.match(gateway_id) else None
@@ -252,7 +266,7 @@ class Registry:
 
     def gateways(self) -> list[Gateway]:
         """Every gateway, by id."""
-        return [_gateway(r) for r in self._db.query("SELECT * FROM gateways ORDER BY id")]
+        return [_gateway(r) for r in fetch_all(self._db, "SELECT * FROM gateways ORDER BY id")]
 
     def move_gateway(self, gateway_id: str, new: GatewayState) -> GatewayState:
         """Move a gateway to ``new``; returns the state it was in.
@@ -338,8 +352,8 @@ class Registry:
         """The nodes of one gateway, by id."""
         return [
             _node(r)
-            for r in self._db.query(
-                "SELECT * FROM nodes WHERE gateway = ? ORDER BY node", [gateway_id]
+            for r in fetch_all(
+                self._db, "SELECT * FROM nodes WHERE gateway = ? ORDER BY node", [gateway_id]
             )
         ]
 
@@ -390,7 +404,7 @@ class Registry:
     def all_nodes(self) -> list[tuple[Gateway, Node]]:
         """Every node of every gateway, with its gateway, by gateway and node."""
         gateways = {g.id: g for g in self.gateways()}
-        rows = self._db.query("SELECT * FROM nodes ORDER BY gateway, node")
+        rows = fetch_all(self._db, "SELECT * FROM nodes ORDER BY gateway, node")
         return [(gateways[r["gateway"]], _node(r)) for r in rows]
 
     # -- operators ---------------------------------------------------------------
@@ -417,7 +431,7 @@ class Registry:
 
     def operators(self) -> list[dict[str, Any]]:
         """Every operator with its role (never its secret), by id."""
-        rows = self._db.query("SELECT id, role, created FROM operators ORDER BY id")
+        rows = fetch_all(self._db, "SELECT id, role, created FROM operators ORDER BY id")
         return [{"id": r["id"], "role": r["role"], "created": r["created"]} for r in rows]
 
     def operator_role(self, operator_id: str) -> OperatorRole | None:
@@ -460,11 +474,12 @@ class Registry:
         An operator's role is its own (viewer, deployer, admin): the broker's
         ACL gives it the request channels of that role.
         """
-        gateways = self._db.query(
+        gateways = fetch_all(
+            self._db,
             "SELECT id, secret_hash FROM gateways WHERE state != ? ORDER BY id",
             [str(GatewayState.DECOMMISSIONED)],
         )
-        operators = self._db.query("SELECT id, secret_hash, role FROM operators ORDER BY id")
+        operators = fetch_all(self._db, "SELECT id, secret_hash, role FROM operators ORDER BY id")
         return [(r["id"], r["secret_hash"], Role.GATEWAY) for r in gateways] + [
             (r["id"], r["secret_hash"], broker_role(OperatorRole(r["role"]))) for r in operators
         ]

@@ -705,3 +705,149 @@ def test_blocks_are_served_round_robin_across_gateways(tmp_path: Path) -> None:
     w.send("gw-a", t.Up.STATE, {"online": False})  # gone: its queue with it
     assert served(w.o.tick()) == []
     w.o.close()
+
+
+# -- batches: many messages, one transaction ---------------------------------------------------
+
+
+def _up(gw: str, kind: t.Up, body: dict[str, Any]) -> tuple[str, bytes]:
+    return t.gateway_up(gw, kind), fleet.encode_map(body)
+
+
+def _status(gw: str, dep: str, node: str, seq: int, state: str) -> tuple[str, bytes]:
+    return _up(gw, t.Up.STATUS, {"deployment": dep, "node": node, "seq": seq, "state": state})
+
+
+def _node_events(w: World, dep: str) -> dict[str, list[str]]:
+    return {
+        n["target"]: [e["state"] for e in n["events"]] for n in w.o.deployment_status(dep)["nodes"]
+    }
+
+
+def test_a_batch_takes_the_good_messages_and_refuses_the_bad_ones_alone(w: World) -> None:
+    """Every message of a batch takes effect exactly as it would alone: a refused one changes
+    nothing and gets its ERROR, in its place among the effects, and the others stand."""
+    dep = _deployed(w, nodes=("n1", "n2"))
+    w.o.tick()
+    batch = [
+        _up("gw-1", t.Up.ACK, {"seq": 1}),
+        _status("gw-1", dep, "n1", 1, "downloading"),
+        (t.gateway_up("gw-1", t.Up.STATUS), b"\xff"),  # not CBOR
+        _up("gw-1", t.Up.ACK, {"seq": 7}),  # never sent
+        _status("gw-1", dep, "n2", 1, "downloading"),
+        _status("gw-1", dep, "n1", 2, "succeeded"),
+        _status("gw-1", dep, "n1", 3, "downloading"),  # succeeded is final
+    ]
+    effects = w.o.handle_batch(batch)
+    errors = messages(effects, t.Down.ERROR, "gw-1")
+    wanted = ["malformed status", "ack for command 7", "cannot go from succeeded to downloading"]
+    assert len(errors) == len(wanted), errors
+    assert all(why in e["reason"] for why, e in zip(wanted, errors, strict=True)), errors
+    assert _node_events(w, dep) == {
+        "gw-1/n1": ["pending", "offered", "downloading", "succeeded"],
+        "gw-1/n2": ["pending", "downloading"],  # its ack (seq 2) was not in the batch
+    }
+    assert [(r[1], r[9] is not None) for r in dump(w.dir)["commands"]] == [(1, True), (2, False)]
+
+
+def test_a_bug_in_one_message_rolls_back_that_message_only(
+    w: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that wrote and then failed leaves nothing behind; the batch goes on."""
+    dep = _deployed(w, nodes=("n1", "n2"))
+    w.o.tick()
+    deployments = w.o._deployments
+    real = deployments.apply_status
+
+    def buggy(gateway: str, m: Any) -> Any:
+        row = real(gateway, m)  # the move and its event are written ...
+        if m["node"] == "n2":
+            raise RuntimeError("a bug after the writes")  # ... and must be rolled back
+        return row
+
+    monkeypatch.setattr(deployments, "apply_status", buggy)
+    batch = [
+        _status("gw-1", dep, "n1", 1, "downloading"),
+        _status("gw-1", dep, "n2", 1, "downloading"),
+        _status("gw-1", dep, "n1", 2, "downloaded"),
+    ]
+    with caplog.at_level(logging.ERROR, logger="shoal.orchestrator"):
+        assert w.o.handle_batch(batch) == Effects()
+    assert ["internal error" in r.getMessage() for r in caplog.records] == [True]
+    assert _node_events(w, dep) == {
+        "gw-1/n1": ["pending", "downloading", "downloaded"],
+        "gw-1/n2": ["pending"],
+    }
+
+
+def test_a_batch_whose_transaction_sqlite_ended_is_handled_again_one_by_one(
+    w: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error like SQLITE_FULL rolls the whole transaction back under the batch: the
+    messages before it are gone too, so all of them are handled again, each alone, and
+    none counts twice (acks carry their command number, reports their seq)."""
+    dep = _deployed(w, nodes=("n1", "n2"))
+    w.o.tick()
+    registry = w.o._registry
+    real = registry.seen
+    failures = iter([True])
+
+    def disk_full(gateway_id: str, *, online: bool = True) -> None:
+        if next(failures, False):
+            w.o._db.conn.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+        real(gateway_id, online=online)
+
+    batch = [
+        _up("gw-1", t.Up.ACK, {"seq": 1}),
+        _status("gw-1", dep, "n1", 1, "downloading"),
+        _up("gw-1", t.Up.ACK, {"seq": 2}),
+        _status("gw-1", dep, "n1", 2, "downloaded"),
+    ]
+    monkeypatch.setattr(registry, "seen", disk_full)
+    first, second = w.o.handle_batch(batch[:2]), w.o.handle_batch(batch[2:])
+    assert first == second == Effects()
+    assert any("handling them one by one" in r.getMessage() for r in caplog.records)
+    assert _node_events(w, dep) == {
+        "gw-1/n1": ["pending", "offered", "downloading", "downloaded"],
+        "gw-1/n2": ["pending", "offered"],
+    }
+
+
+def test_an_operator_request_in_a_batch_runs_after_the_messages_before_it_committed(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep = _deployed(w, nodes=("n1",))
+    w.o.tick()
+    w.o.add_operator("alice")
+    operators = w.o._operators
+    real = operators.handle
+    seen_by_request: list[list[tuple[Any, ...]]] = []
+
+    def handle(operator: str, channel: t.Channel, payload: bytes) -> Effects:
+        seen_by_request.append(dump(w.dir)["events"])  # another connection: committed rows only
+        return real(operator, channel, payload)
+
+    monkeypatch.setattr(operators, "handle", handle)
+    request = fleet.encode_map({"id": "r1", "op": "devices.list", "args": {}})
+    effects = w.o.handle_batch([
+        _up("gw-1", t.Up.ACK, {"seq": 1}),
+        _status("gw-1", dep, "n1", 1, "downloading"),
+        (t.op_request("alice", "devices.list"), request),
+        _status("gw-1", dep, "n1", 2, "downloaded"),
+    ])  # fmt: skip
+    assert [e[5] for e in seen_by_request[0]] == ["pending", "offered", "downloading"]
+    assert [m.topic for m in effects.outgoing] == ["shoal/v1/ops/alice/resp"]
+    assert _node_events(w, dep)["gw-1/n1"][-1] == "downloaded"
+
+
+def test_the_timer_re_sends_at_most_commands_per_tick_in_order(tmp_path: Path) -> None:
+    w = World(tmp_path / "orch", commands_per_tick=3)
+    _deployed(w, nodes=("n1", "n2", "n3", "n4", "n5"))
+    assert seqs(w.o.tick()) == [1, 2, 3]
+    assert seqs(w.o.tick()) == [4, 5]
+    w.clock.advance(10)
+    assert seqs(w.o.tick()) == [1, 2, 3]
+    assert seqs(w.o.tick()) == [4, 5]
+    assert seqs(w.o.flush()) == []  # flush sends only what was never sent, uncapped
+    w.o.close()

@@ -6,7 +6,10 @@ gateways are played by hand (acks and status reports on their topics).
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import random
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
@@ -829,3 +832,200 @@ def test_named_nodes_keep_their_order_and_a_filter_takes_one_per_gateway(w: Worl
     ro, _ = create(w, target={"filter": {}}, phases="1,2,100%")
     order = [(n["target"], n["phase"]) for n in show(w, ro["id"])["nodes"]]
     assert order == [("gw-a/n1", 1), ("gw-b/n1", 2), ("gw-a/n2", 3), ("gw-b/n2", 3)]
+
+
+# -- the engine's kept rosters ---------------------------------------------------------------
+
+_WORDS = (
+    "deferred", "downloading", "downloaded", "flashing", "verifying", "rebooting", "confirming",
+    "succeeded", "succeeded", "succeeded", "failed", "failed", "rolled_back", "rejected",
+    "aborted", "already_installed",
+)  # fmt: skip
+_REASONS = (None, "link lost", "artifact refused by the gateway: bad signature", "no node n9")
+
+
+class Twin:
+    """One orchestrator of the pair, with its rollout and how far its gateways have reported."""
+
+    def __init__(self, w: World, rollout: str) -> None:
+        self.w = w
+        self.rollout = rollout
+        self.seq: Counter[tuple[str, str, int]] = Counter()
+
+    @property
+    def deployment(self) -> str:
+        return str(self.w.o.show_rollout(self.rollout, 0)["deployment"])
+
+    def rows(self) -> list[deployments.NodeRow]:
+        return self.w.o._deployments.node_rows(self.deployment)
+
+    def report(self, gw: str, node: str, word: str, reason: str | None) -> None:
+        row = next(r for r in self.rows() if (r.gateway, r.node) == (gw, node))
+        self.seq[(gw, node, row.attempt)] += 1
+        extra = {} if reason is None else {"reason": reason}
+        wire = wire_id(row.deployment, row.attempt)
+        self.w.status(gw, wire, node, self.seq[(gw, node, row.attempt)], word, **extra)
+
+    def ack_everything(self) -> None:
+        for gw in self.w.o.list_devices()["gateways"]:
+            for command in self.w.o._outbox.unacked(gw["id"]):
+                self.w.send(gw["id"], t.Up.ACK, {"seq": command.seq})
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the engine decided, with this orchestrator's random ids taken out."""
+        shown = self.w.o.show_rollout(self.rollout, 1000)
+        ids = {self.rollout: "RO", str(shown["deployment"]): "DEP"}
+
+        def plain(value: Any) -> str:
+            text = json.dumps(value, sort_keys=True)
+            for real, alias in ids.items():
+                text = text.replace(real, alias)
+            return text
+
+        rows = {
+            f"{r.gateway}/{r.node}": (str(r.state), r.attempt, r.retryable, r.status_seq)
+            for r in self.rows()
+        }
+        commands = [
+            (c["gateway"], c["seq"], c["type"], c["node"], plain(c["deployment"]))
+            for c in fetch_commands(self.w)
+        ]
+        return {
+            "state": shown["state"], "phase": shown["phase"], "reason": plain(shown["reason"]),
+            "phases": plain(shown["phases"]), "nodes": plain(shown["nodes"]), "rows": rows,
+            "events": [(e["event"], e["state"], plain(e["detail"])) for e in shown["events"]],
+            "commands": commands,
+        }  # fmt: skip
+
+
+def fetch_commands(w: World) -> list[dict[str, Any]]:
+    con = sqlite3.connect(w.dir / "shoal.db")
+    con.row_factory = sqlite3.Row
+    try:
+        rows = con.execute("SELECT * FROM commands ORDER BY gateway, seq").fetchall()
+        return [dict(r) for r in rows]
+    finally:
+        con.close()
+
+
+def check_kept_rosters(w: World) -> None:
+    """Every roster a tick kept, brought up to date as the next tick does (a copy, so the
+    engine's own refreshes keep their pace), holds what reading the rollout anew gives."""
+    engine = w.o._rollouts
+    for rollout, roster in engine._rosters.items():
+        r = engine._load(rollout)
+        kept = copy.deepcopy(roster)
+        engine._refresh(r, kept)
+        members = engine._members(r)
+        fresh = rollouts._Roster(r.options.retries, r.options.timeouts, members, kept.seen_event)
+        assert kept.members == fresh.members
+        assert +kept.kinds == +fresh.kinds
+        assert +kept.active_by_gateway == +fresh.active_by_gateway
+        assert (kept.retrying, kept.waiting) == (fresh.retrying, fresh.waiting)
+        limits = [
+            m.row.entered + r.options.timeouts.for_state(m.row.state)
+            for m in members
+            if m.row is not None and m.row.state in deployments.ACTIVE
+        ]
+        assert kept.deadline <= min(limits, default=math.inf)  # a lower bound: never late
+        # And the counts are the per-node judgement the engine always made.
+        for phase in {m.phase for m in members if m.phase is not None} | {None}:
+            scope = [m for m in members if m.phase is not None and phase in (None, m.phase)]
+            assert kept.tally(phase) == rollouts._Tally.of(scope, r.options.retries)
+        unsettled = [m for m in members if m.kind(r.options.retries) in rollouts._UNSETTLED]
+        assert kept.unsettled() == len(unsettled)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_kept_rosters_decide_exactly_as_rosters_read_anew(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Randomized: two orchestrators take the same rollout and the same reports, acks, clock
+    moves, pauses and resumes. One keeps its rosters between ticks (refreshed from the
+    events); the other forgets them after every tick and looks for timeouts at every
+    evaluation, so it judges every rollout from scratch each time, as the engine did before
+    rosters. They must make the same moves, commands and events throughout."""
+    rng = random.Random(seed)
+    gateways = {f"gw-{g}": [f"n{i}" for i in range(1, rng.randint(2, 5))] for g in "abc"}
+    args: dict[str, Any] = {
+        "phases": rng.choice(["100%", "1,100%", "1,50%,100%", "2,4,100%"]),
+        "max_parallel": rng.choice([1, 3, 100]),
+        "max_per_gateway": rng.choice([1, 2, 16]),
+        "retries": rng.choice([0, 1, 2]),
+        "success_threshold": rng.choice([50, 100]),
+        "on_failure": rng.choice(["pause", "abort"]),
+        "failure_threshold": {
+            "percent": rng.choice([10, 40, 100]), "min_count": rng.choice([1, 2, 4]),
+            "scope": rng.choice(["phase", "rollout"]),
+        },
+        "timeouts": {"pending": 40, "offered": 50, "downloading": 30, "flashing": 45},
+        "phase_wait_s": rng.choice([0, 5]),
+    }  # fmt: skip
+    twins = []
+    for name in ("kept", "anew"):
+        w = World(tmp_path / name)
+        w.upload_all()
+        w.o.add_operator("alice", "admin")
+        fleet(w, gateways)
+        result, _ = create(w, **args)
+        twins.append(Twin(w, result["id"]))
+    kept, anew = twins
+    engine = anew.w.o._rollouts
+    time_out = engine._time_out
+
+    def time_out_always(r: Any, roster: Any, now: float) -> bool:
+        roster.deadline = -math.inf  # no deadline to skip by: look at every node
+        return time_out(r, roster, now)
+
+    monkeypatch.setattr(engine, "_time_out", time_out_always)
+
+    def tick(seconds: float) -> None:
+        for twin in twins:
+            twin.w.clock.advance(seconds)
+            twin.w.o.tick()
+        anew.w.o._rollouts._rosters.clear()
+
+    targets = [(gw, n) for gw, nodes in gateways.items() for n in nodes]
+    try:
+        for _ in range(80):
+            roll = rng.random()
+            if roll < 0.5:
+                running = [
+                    (r.gateway, r.node) for r in kept.rows() if r.state in deployments.ACTIVE
+                ]
+                gw, node = rng.choice(running or targets)
+                if any((r.gateway, r.node) == (gw, node) for r in kept.rows()):
+                    word, reason = rng.choice(_WORDS), rng.choice(_REASONS)
+                    for twin in twins:
+                        twin.report(gw, node, word, reason)
+            elif roll < 0.65:
+                for twin in twins:
+                    twin.ack_everything()
+            elif roll < 0.95:
+                tick(rng.choice([0.0, 0.05, 1.0, 3.0, 20.0, 60.0]))
+            else:
+                action = rng.choice(["rollout.pause", "rollout.resume"])
+                for twin in twins:
+                    ask(twin.w, action, {"id": twin.rollout})
+            check_kept_rosters(kept.w)
+            assert kept.snapshot() == anew.snapshot()
+        for _ in range(50):  # then let every node succeed, until the rollout ends
+            if kept.snapshot()["state"] in ("completed", "failed", "aborted"):
+                break
+            running = [(r.gateway, r.node) for r in kept.rows() if r.state in deployments.ACTIVE]
+            if kept.snapshot()["state"] == "paused":
+                for twin in twins:
+                    ask(twin.w, "rollout.resume", {"id": twin.rollout})
+            for twin in twins:
+                twin.ack_everything()
+            for gw, node in running:
+                for twin in twins:
+                    twin.report(gw, node, "succeeded", None)
+            tick(1.0)
+            check_kept_rosters(kept.w)
+            assert kept.snapshot() == anew.snapshot()
+        else:
+            pytest.fail(f"the rollout never ended: {kept.snapshot()['state']}")
+    finally:
+        for twin in twins:
+            twin.w.o.close()
