@@ -8,7 +8,10 @@ timing:
 * ``smpclient``: the third-party mcumgr client (PyPI), uploading into the
   SMP-mode node, as a Zephyr user would today;
 * ``shoal-smp``: Shoal's SMP driver (:mod:`gateway_proxy.smp_driver`) into
-  the same SMP-mode node;
+  the same SMP-mode node, with its defaults (one request at a time, as every
+  SMP client); ``shoal-smp-window2`` the same with its ``window = 2`` option
+  (the next request sent before the last is answered: for servers that can
+  take it, as the simulated node can);
 * ``shoal-serial``: Shoal's own protocol into the simulated node
   (:mod:`gateway_proxy.serial_driver`).
 
@@ -35,7 +38,7 @@ from otaio.wire import PacedWire, WireConfig, line_rate_bytes_per_s
 from otaproto.errors import InvalidInput, UsageError
 from shoal.synthetic import evolve, firmware_like
 
-DRIVERS = ("smpclient", "shoal-smp", "shoal-serial")
+DRIVERS = ("smpclient", "shoal-smp", "shoal-smp-window2", "shoal-serial")
 BAUD = 115200
 HEADER_BYTES = 0x200
 SLOT_KIB = 512
@@ -133,7 +136,7 @@ def _smpclient_upload(port: str, image: bytes) -> tuple[float, str]:
     return asyncio.run(upload())
 
 
-def _shoal_smp_upload(port: str, image: bytes) -> tuple[float, str]:
+def _shoal_smp_upload(port: str, image: bytes, window: int = 1) -> tuple[float, str]:
     """Shoal's SMP driver's transfer step; (seconds, detail)."""
     from gateway_proxy.config import NodePort
     from gateway_proxy.drivers import TransferOutcome
@@ -149,7 +152,8 @@ def _shoal_smp_upload(port: str, image: bytes) -> tuple[float, str]:
         ),
         TrustedKeys([key.public_key]),
     )  # fmt: skip
-    driver = SmpDriver(NodePort("bench", port, BAUD, "smp", {"device_type": "bench"}))
+    options = {"device_type": "bench", "window": window}
+    driver = SmpDriver(NodePort("bench", port, BAUD, "smp", options))
     started = time.monotonic()
     report = driver.transfer(artifact, image, lambda progress: None)
     seconds = time.monotonic() - started
@@ -166,8 +170,11 @@ def run_smp(driver: str, timing: bool, old: bytes, new: bytes, key: Path, workdi
     with PacedWire(WireConfig(baud=BAUD)) as wire:
         node = _SmpNode(wire.b_path, state, key, initial, timing)
         try:
-            upload = _smpclient_upload if driver == "smpclient" else _shoal_smp_upload
-            seconds, _ = upload(wire.a_path, new)
+            if driver == "smpclient":
+                seconds, _ = _smpclient_upload(wire.a_path, new)
+            else:
+                window = 2 if driver == "shoal-smp-window2" else 1
+                seconds, _ = _shoal_smp_upload(wire.a_path, new, window)
         finally:
             node.stop()
     return seconds

@@ -1125,7 +1125,7 @@ def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> Non
     "--driver",
     "drivers",
     multiple=True,
-    type=click.Choice(["all", "smpclient", "shoal-smp", "shoal-serial"]),
+    type=click.Choice(["all", "smpclient", "shoal-smp", "shoal-smp-window2", "shoal-serial"]),
     help="Compare node drivers at 115200 instead: smpclient and Shoal's SMP driver into the "
     "SMP-mode node, Shoal's protocol into the simulated node (repeatable; 'all').",
 )
