@@ -40,7 +40,7 @@ from gateway_proxy.drivers import (
     TransferOutcome,
     TransferReport,
 )
-from otaio.serial_link import Link, SerialLink
+from otaio.serial_link import Link, SerialLink, reopen
 from otaproto import nodelink as nl
 from otaproto.artifact import VerifiedArtifact
 from otaproto.errors import LinkBroken, MalformedError, UsageError
@@ -52,7 +52,6 @@ from otaproto.node_sender import NodeUpdate, SenderConfig, UpdateState
 WIRE_MAX_BODY_BYTES = 4096
 READ_BYTES = 65536
 MAX_WAIT_S = 0.05
-REOPEN_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 #: The largest window the ack timeout has to cover, in bytes.
 WINDOW_ALLOWANCE_BYTES = 8 * 1024
 #: Room for the node to erase a flash page (nRF52840: 85 ms) and answer.
@@ -174,7 +173,7 @@ def _drive(
                 data = link.read(READ_BYTES, wait_s)
             except LinkBroken:
                 link.close()
-                link = _reopen(open_link, update, clock, sleep)
+                link = reopen(open_link, update.config.link_lost_s, clock=clock, sleep=sleep)
                 run.reopens += 1
                 decoder = FrameDecoder(WIRE_MAX_BODY_BYTES)
                 if update.state is not UpdateState.REBOOTING:
@@ -201,25 +200,6 @@ def _drive(
     finally:
         link.close()
     return run
-
-
-def _reopen(
-    open_link: Callable[[], Link],
-    update: NodeUpdate,
-    clock: Callable[[], float],
-    sleep: Callable[[float], None],
-) -> Link:
-    """Reopen the port with backoff until it opens or the update's patience ends."""
-    give_up_at = clock() + update.config.link_lost_s
-    attempt = 0
-    while True:
-        try:
-            return open_link()
-        except LinkBroken:
-            if clock() >= give_up_at:
-                raise
-            sleep(REOPEN_BACKOFF_S[min(attempt, len(REOPEN_BACKOFF_S) - 1)])
-            attempt += 1
 
 
 def query_info(

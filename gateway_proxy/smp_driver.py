@@ -62,7 +62,7 @@ from gateway_proxy.drivers import (
     TransferOutcome,
     TransferReport,
 )
-from otaio.serial_link import Link, SerialLink
+from otaio.serial_link import Link, SerialLink, reopen
 from otaproto import mcuboot, smp
 from otaproto.artifact import VerifiedArtifact
 from otaproto.errors import InvalidInput, LinkBroken, MalformedError
@@ -87,7 +87,6 @@ TRANSIENT_IMAGE_ERRORS = frozenset(
         smp.ImgMgmtErr.FLASH_CONTEXT_ALREADY_SET,
     }
 )
-REOPEN_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 #: Most times one upload reopens a port that broke under it.
 MAX_REOPENS = 10
 #: Replies in a row that do not move the offset forward before the upload gives up.
@@ -258,18 +257,6 @@ class SmpDriver(NodeDriver):
             yield SmpSession(link, self.settings, clock=self._clock)
         finally:
             link.close()
-
-    def _reopen(self) -> Link:
-        give_up_at = self._clock() + self.settings.link_lost_s
-        attempt = 0
-        while True:
-            try:
-                return self._open_link()
-            except LinkBroken:
-                if self._clock() >= give_up_at:
-                    raise
-                self._sleep(REOPEN_BACKOFF_S[min(attempt, len(REOPEN_BACKOFF_S) - 1)])
-                attempt += 1
 
     def _states(self, session: SmpSession) -> smp.ImageStates:
         return smp.parse_image_states(session.call(smp.image_state_read()))
@@ -480,7 +467,10 @@ class SmpDriver(NodeDriver):
                     if reopens > MAX_REOPENS:
                         raise
                     link.close()
-                    link = self._reopen()
+                    link = reopen(
+                        self._open_link, self.settings.link_lost_s, clock=self._clock,
+                        sleep=self._sleep,
+                    )  # fmt: skip
                     session = SmpSession(link, self.settings, clock=self._clock)
                     in_flight.clear()
                     ask_where = True

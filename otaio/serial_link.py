@@ -23,6 +23,7 @@ import os
 import select
 import termios
 import tty
+from collections.abc import Callable
 from typing import Protocol, Self
 
 import serial
@@ -30,6 +31,8 @@ import serial
 from otaproto.errors import LinkBroken, LinkClosed
 
 DEFAULT_BAUD = 115200
+#: Waits between attempts to reopen a port that broke (a USB adapter re-enumerating).
+REOPEN_BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 
 class Link(Protocol):
@@ -153,3 +156,26 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return (str(exc).strip() or type(exc).__name__).splitlines()[0][:120]
+
+
+def reopen(
+    open_link: Callable[[], Link],
+    patience_s: float,
+    *,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> Link:
+    """Open a port again with backoff (:data:`REOPEN_BACKOFF_S`) for up to ``patience_s``.
+
+    Raises the last LinkBroken when it still does not open.
+    """
+    give_up_at = clock() + patience_s
+    attempt = 0
+    while True:
+        try:
+            return open_link()
+        except LinkBroken:
+            if clock() >= give_up_at:
+                raise
+            sleep(REOPEN_BACKOFF_S[min(attempt, len(REOPEN_BACKOFF_S) - 1)])
+            attempt += 1

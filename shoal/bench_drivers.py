@@ -36,6 +36,7 @@ from pathlib import Path
 
 from otaio.wire import PacedWire, WireConfig, line_rate_bytes_per_s
 from otaproto.errors import InvalidInput, UsageError
+from shoal.bench_serial import NodeProcess
 from shoal.synthetic import evolve, firmware_like
 
 DRIVERS = ("smpclient", "shoal-smp", "shoal-smp-window2", "shoal-serial")
@@ -92,28 +93,13 @@ def mcuboot_images(image_kib: int, workdir: Path) -> tuple[bytes, bytes, Path]:
     return images[0], images[1], key
 
 
-class _SmpNode:
-    """``shoal mcu-sim --protocol smp`` on a pty path; stopped by its pid at the end."""
-
-    def __init__(self, port: str, state: Path, key: Path, initial: Path, timing: bool) -> None:
-        cmd = [
-            sys.executable, "-m", "shoal.cli", "mcu-sim", "--protocol", "smp", "--port", port,
-            "--state-dir", str(state), "--trust-key", str(key), "--initial-image", str(initial),
-            "--slot-kib", str(SLOT_KIB), "--smp-buf-size", str(SMP_BUF_SIZE),
-            "--flash-timing" if timing else "--no-flash-timing",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.process.stdout is not None and self.process.stderr is not None
-        if not self.process.stdout.readline():  # the port, once the node booted
-            raise RuntimeError(f"mcu-sim did not start: {self.process.stderr.read()!r}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def _smp_node(port: str, state: Path, key: Path, initial: Path, timing: bool) -> NodeProcess:
+    """``shoal mcu-sim --protocol smp`` on a pty path."""
+    return NodeProcess(port, [
+        "--protocol", "smp", "--state-dir", str(state), "--trust-key", str(key),
+        "--initial-image", str(initial), "--slot-kib", str(SLOT_KIB),
+        "--smp-buf-size", str(SMP_BUF_SIZE), "--flash-timing" if timing else "--no-flash-timing",
+    ])  # fmt: skip
 
 
 def _smpclient_upload(port: str, image: bytes) -> tuple[float, str]:
@@ -168,7 +154,7 @@ def run_smp(driver: str, timing: bool, old: bytes, new: bytes, key: Path, workdi
     initial = workdir / "initial.signed.bin"
     initial.write_bytes(old)
     with PacedWire(WireConfig(baud=BAUD)) as wire:
-        node = _SmpNode(wire.b_path, state, key, initial, timing)
+        node = _smp_node(wire.b_path, state, key, initial, timing)
         try:
             if driver == "smpclient":
                 seconds, _ = _smpclient_upload(wire.a_path, new)

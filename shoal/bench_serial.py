@@ -72,21 +72,19 @@ def flash_time_s(image_bytes: int, timing: FlashTiming) -> float:
     return pages * timing.page_erase_s + words * timing.word_write_s
 
 
-class _Node:
-    """A ``shoal mcu-sim`` process on a pty path, stopped by id at the end."""
+class NodeProcess:
+    """A ``shoal mcu-sim`` process serving ``port``, stopped by its pid at the end.
 
-    def __init__(self, port: str, state: Path, keys: Path, initial: Path, timing: bool) -> None:
-        cmd = [
-            sys.executable, "-m", "shoal.cli", "mcu-sim", "--port", port, "--state-dir",
-            str(state), "--device-type", "bench", "--trust", str(keys / "release.pub"),
-            "--initial-artifact", str(initial), "--slot-kib", "512",
-            "--flash-timing" if timing else "--no-flash-timing",
-        ]  # fmt: skip
+    ``args`` are mcu-sim's options after ``--port``; the process is ready once
+    it printed its port.
+    """
+
+    def __init__(self, port: str, args: list[str]) -> None:
+        cmd = [sys.executable, "-m", "shoal.cli", "mcu-sim", "--port", port, *args]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()  # the port, once the node booted
-        if not line:
-            raise RuntimeError(f"mcu-sim did not start: {self.process.stderr.read()!r}")  # type: ignore[union-attr]
+        assert self.process.stdout is not None and self.process.stderr is not None
+        if not self.process.stdout.readline():  # the port, once the node booted
+            raise RuntimeError(f"mcu-sim did not start: {self.process.stderr.read()!r}")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -95,6 +93,14 @@ class _Node:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _shoal_node(port: str, state: Path, keys: Path, initial: Path, timing: bool) -> NodeProcess:
+    return NodeProcess(port, [
+        "--state-dir", str(state), "--device-type", "bench", "--trust", str(keys / "release.pub"),
+        "--initial-artifact", str(initial), "--slot-kib", "512",
+        "--flash-timing" if timing else "--no-flash-timing",
+    ])  # fmt: skip
 
 
 def run_one(
@@ -137,7 +143,7 @@ def run_one(
     with PacedWire(wire_config) as wire:
         if drop_after_bytes is not None:
             threading.Thread(target=_bring_back, args=(wire,), daemon=True).start()
-        node = _Node(wire.b_path, state, keys, initial, timing)
+        node = _shoal_node(wire.b_path, state, keys, initial, timing)
         try:
             report = flash_node(
                 lambda: SerialLink(wire.a_path, baud=baud),
