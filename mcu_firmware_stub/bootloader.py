@@ -550,6 +550,16 @@ class Bootloader:
     def __init__(
         self, flash: Flash, *, slot_bytes: int, trusted: TrustedKeys, device_type: str
     ) -> None:
+        self._trusted = trusted
+        self._device_type = device_type
+        self._open(flash, slot_bytes)
+
+    def _open(self, flash: Flash, slot_bytes: int) -> None:
+        """Check the geometry, then load and check the journal: what every image format shares.
+
+        Raises UsageError for a geometry that cannot work, MalformedError for a
+        journal record that makes no sense.
+        """
         layout = Layout(flash.page_bytes, slot_bytes)
         if flash.size_bytes < layout.flash_bytes:
             raise UsageError(
@@ -563,8 +573,6 @@ class Bootloader:
             )
         self._flash = flash
         self._layout = layout
-        self._trusted = trusted
-        self._device_type = device_type
         self._journal = _Journal(flash, layout.journal_pages)
         self._record = self._journal.load()
         self._check_record(self._record)
@@ -895,9 +903,7 @@ class Bootloader:
             self._write_header(Slot.SECONDARY, signed_manifest)
             offset = 0
         page_bytes = self._layout.page_bytes
-        self._receive = _ReceiveContext(
-            manifest.image_size, -(-offset // page_bytes) - 1, offset
-        )
+        self._receive = _ReceiveContext(manifest.image_size, -(-offset // page_bytes) - 1, offset)
         return offset
 
     def write_image(self, offset: int, data: bytes) -> None:
@@ -934,10 +940,14 @@ class Bootloader:
         self._program_image(context, offset, self._pad(data) if len(data) % word else data)
         context.written_end = max(context.written_end, end)
 
+    def _image_start(self, slot: Slot) -> int:
+        """Where ``slot``'s image starts: after the slot's Shoal header page."""
+        return self._layout.image_at(slot)
+
     def _program_image(self, context: _ReceiveContext, start: int, data: bytes) -> None:
         """Program ``data`` at ``start`` of the secondary image, erasing untouched pages first."""
         page_bytes = self._layout.page_bytes
-        base = self._layout.image_at(Slot.SECONDARY)
+        base = self._image_start(Slot.SECONDARY)
         last_page = (start + len(data) - 1) // page_bytes
         while context.erased_through < last_page:
             context.erased_through += 1
@@ -1158,26 +1168,9 @@ class McubootBootloader(Bootloader):
     """
 
     def __init__(self, flash: Flash, *, slot_bytes: int, trust: mcuboot.ImageTrust) -> None:
-        # Bootloader.__init__ without the manifest keys and device type, which
-        # MCUboot images do not use.
-        layout = Layout(flash.page_bytes, slot_bytes)
-        if flash.size_bytes < layout.flash_bytes:
-            raise UsageError(
-                f"flash of {flash.size_bytes} bytes is too small for {slot_bytes}-byte slots: "
-                f"need {layout.flash_bytes}"
-            )
-        if flash.page_bytes < RECORD_BYTES or RECORD_BYTES % flash.word_bytes:
-            raise UsageError(
-                f"a {flash.page_bytes}-byte page of {flash.word_bytes}-byte words cannot hold "
-                f"{RECORD_BYTES}-byte journal records"
-            )
-        self._flash = flash
-        self._layout = layout
+        # No manifest keys or device type: MCUboot images do not use them.
         self._image_trust = trust
-        self._journal = _Journal(flash, layout.journal_pages)
-        self._record = self._journal.load()
-        self._check_record(self._record)
-        self._receive = None
+        self._open(flash, slot_bytes)
 
     @property
     def trust(self) -> mcuboot.ImageTrust:
@@ -1304,16 +1297,9 @@ class McubootBootloader(Bootloader):
         self._receive = _ReceiveContext(total_bytes, -(-offset // page_bytes) - 1, offset)
         return offset
 
-    def _program_image(self, context: _ReceiveContext, start: int, data: bytes) -> None:
-        """Program ``data`` at ``start`` of the secondary slot (an MCUboot image starts at
-        the slot's first byte), erasing pages on their first touch in this lifetime."""
-        page_bytes = self._layout.page_bytes
-        base = self._layout.header_at(Slot.SECONDARY)
-        last_page = (start + len(data) - 1) // page_bytes
-        while context.erased_through < last_page:
-            context.erased_through += 1
-            self._flash.erase_page(self._flash.page_of(base + context.erased_through * page_bytes))
-        self._program(base + start, data)
+    def _image_start(self, slot: Slot) -> int:
+        """Where ``slot``'s image starts: an MCUboot image starts at the slot's first byte."""
+        return self._layout.header_at(slot)
 
     def finish_upload(self) -> bool:
         """Hash the uploaded file: True (upload complete) unless it differs from its ``sha``.

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from mcu_firmware_stub.bootloader import Bootloader, Layout, Slot, SlotInfo
 from mcu_firmware_stub.flash import Flash, FlashFaults, FlashTiming
@@ -123,6 +124,46 @@ def _summary(info: SlotInfo | None) -> nl.SlotSummary | None:
     return nl.SlotSummary(info.version, info.sequence, info.image_digest, info.image_size)
 
 
+def serve_link(
+    link: Link, handle_bytes: Callable[[bytes], Iterable[bytes]], stop: threading.Event | None
+) -> None:
+    """The MCU's main loop: read ``link``, write back what ``handle_bytes`` answers, until
+    ``stop`` is set (never, when None). What ``link`` or ``handle_bytes`` raise propagates."""
+    while stop is None or not stop.is_set():
+        data = link.read(READ_CHUNK_BYTES, IDLE_POLL_S)
+        if data:
+            for reply in handle_bytes(data):
+                link.write(reply)
+
+
+class FlashSettings(Protocol):
+    """The part of a node's configuration that sizes and places its flash file."""
+
+    @property
+    def state_dir(self) -> Path: ...
+    @property
+    def slot_bytes(self) -> int: ...
+    @property
+    def page_bytes(self) -> int: ...
+    @property
+    def timing(self) -> FlashTiming: ...
+    @property
+    def faults(self) -> FlashFaults: ...
+
+
+def open_flash(config: FlashSettings) -> Flash:
+    """The node's flash file, ``flash.bin`` in ``config.state_dir`` (created if missing),
+    sized for two slots, the scratch page and the journal (:meth:`Layout.flash_bytes_for`)."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    return Flash(
+        config.state_dir / "flash.bin",
+        Layout.flash_bytes_for(config.slot_bytes, config.page_bytes),
+        page_bytes=config.page_bytes,
+        timing=config.timing,
+        faults=config.faults,
+    )
+
+
 class SimulatedNode:
     """One node on one link; see the module rules."""
 
@@ -135,14 +176,7 @@ class SimulatedNode:
     ) -> None:
         self.config = config
         self._log = log
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.flash = Flash(
-            config.state_dir / "flash.bin",
-            Layout.flash_bytes_for(config.slot_bytes, config.page_bytes),
-            page_bytes=config.page_bytes,
-            timing=config.timing,
-            faults=config.faults,
-        )
+        self.flash = open_flash(config)
         self.bootloader = Bootloader(
             self.flash,
             slot_bytes=config.slot_bytes,
@@ -207,31 +241,45 @@ class SimulatedNode:
 
     def run(self, link: Link, stop: threading.Event | None = None) -> None:
         """Serve ``link`` until ``stop`` is set. PowerCut and LinkError propagate."""
-        while stop is None or not stop.is_set():
-            data = link.read(READ_CHUNK_BYTES, IDLE_POLL_S)
-            if data:
-                for frame in self.handle_bytes(data):
-                    link.write(frame)
+        serve_link(link, self.handle_bytes, stop)
 
     def close(self) -> None:
         """Close the flash file."""
         self.flash.close()
 
 
-class NodeThread:
-    """A :class:`SimulatedNode` serving ``link`` from its own thread, until :meth:`stop`.
+class ServableNode(Protocol):
+    """What :class:`ServingThread` needs of a node: both :class:`SimulatedNode` and
+    :class:`~mcu_firmware_stub.smp_node.SmpNode` serve a link this way."""
 
-    For the demo and tests, where the gateway runs in the same process. An
-    exception that ends the node (a :class:`PowerCut`, a broken link) is kept in
-    :attr:`error` rather than lost with the thread.
+    def run(self, link: Link, stop: threading.Event | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+NodeT = TypeVar("NodeT", bound=ServableNode)
+
+
+class ServingThread(Generic[NodeT]):
+    """A node serving ``link`` from its own thread, until :meth:`stop`.
+
+    For the demo, tests and benchmarks, where the gateway runs in the same
+    process. An exception that ends the node (a :class:`PowerCut`, a broken
+    link) is kept in :attr:`error` rather than lost with the thread.
     """
 
-    def __init__(self, node: SimulatedNode, link: Link, *, name: str = "simulated-node") -> None:
+    #: The node in the UsageError of :meth:`stop`, and the thread's default name.
+    label = "node"
+    thread_name = "node"
+
+    def __init__(self, node: NodeT, link: Link, *, name: str | None = None) -> None:
         self.node = node
         self.link = link
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=self.thread_name if name is None else name, daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -240,11 +288,23 @@ class NodeThread:
         except BaseException as exc:
             self.error = exc
 
+    @property
+    def alive(self) -> bool:
+        """Whether the node still serves (False after a power cut or a broken link)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop serving, then close the link and the flash. Raises UsageError if it hangs."""
         self._stop.set()
         self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
-            raise UsageError(f"simulated node did not stop within {timeout_s:g} s")
+            raise UsageError(f"{self.label} did not stop within {timeout_s:g} s")
         self.link.close()
         self.node.close()
+
+
+class NodeThread(ServingThread[SimulatedNode]):
+    """A :class:`SimulatedNode` serving ``link`` from its own thread; see :class:`ServingThread`."""
+
+    label = "simulated node"
+    thread_name = "simulated-node"

@@ -50,8 +50,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import NoReturn
 
-from mcu_firmware_stub.bootloader import BootState, Layout, McubootBootloader, Slot
-from mcu_firmware_stub.flash import Flash, FlashFaults, FlashTiming
+from mcu_firmware_stub.bootloader import BootState, McubootBootloader, Slot
+from mcu_firmware_stub.flash import FlashFaults, FlashTiming
+from mcu_firmware_stub.node import ServingThread, open_flash, serve_link
 from otaio.serial_link import Link
 from otaproto import mcuboot, smp
 from otaproto.errors import (
@@ -65,8 +66,6 @@ from otaproto.errors import (
 )
 
 KIB = 1024
-READ_CHUNK_BYTES = 4096
-IDLE_POLL_S = 0.05
 #: What Zephyr's samples build with (CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE is often 2048 there).
 DEFAULT_BUF_SIZE = 2048
 DEFAULT_BUF_COUNT = 4
@@ -463,14 +462,7 @@ class SmpNode:
         self.config = config
         self._log = log
         self._clock = clock
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.flash = Flash(
-            config.state_dir / "flash.bin",
-            Layout.flash_bytes_for(config.slot_bytes, config.page_bytes),
-            page_bytes=config.page_bytes,
-            timing=config.timing,
-            faults=config.faults,
-        )
+        self.flash = open_flash(config)
         self.resets = 0
         self._output = bytearray()
         try:
@@ -556,49 +548,15 @@ class SmpNode:
         output = self.pending_output()
         if output:
             link.write(output)
-        while stop is None or not stop.is_set():
-            data = link.read(READ_CHUNK_BYTES, IDLE_POLL_S)
-            if data:
-                for chunk in self.handle_bytes(data):
-                    link.write(chunk)
+        serve_link(link, self.handle_bytes, stop)
 
     def close(self) -> None:
         """Close the flash file."""
         self.flash.close()
 
 
-class SmpNodeThread:
-    """An :class:`SmpNode` serving ``link`` from its own thread, until :meth:`stop`.
+class SmpNodeThread(ServingThread[SmpNode]):
+    """An :class:`SmpNode` serving ``link`` from its own thread; see :class:`ServingThread`."""
 
-    For tests and benchmarks in one process. An exception that ends the node
-    (a PowerCut, a broken link) is kept in :attr:`error` rather than lost with
-    the thread.
-    """
-
-    def __init__(self, node: SmpNode, link: Link, *, name: str = "smp-node") -> None:
-        self.node = node
-        self.link = link
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.node.run(self.link, self._stop)
-        except BaseException as exc:
-            self.error = exc
-
-    @property
-    def alive(self) -> bool:
-        """Whether the node still serves (False after a power cut or a broken link)."""
-        return self._thread.is_alive()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop serving, then close the link and the flash. Raises UsageError if it hangs."""
-        self._stop.set()
-        self._thread.join(timeout=timeout_s)
-        if self._thread.is_alive():
-            raise UsageError(f"SMP node did not stop within {timeout_s:g} s")
-        self.link.close()
-        self.node.close()
+    label = "SMP node"
+    thread_name = "smp-node"

@@ -30,11 +30,12 @@ TRUST = TrustedKeys([KEY.public_key])
 
 
 def make_artifact(
-    image: bytes, version: str, sequence: int, key: SigningKey = KEY
-) -> VerifiedArtifact:
+    image: bytes, version: str, sequence: int, key: SigningKey = KEY, *, name: str = "app",
+    device_type: str = DEVICE,
+) -> VerifiedArtifact:  # fmt: skip
     data = build_full_artifact(
-        image, name="app", version=version, sequence=sequence, device_types=(DEVICE,), key=key,
-        created_s=0,
+        image, name=name, version=version, sequence=sequence, device_types=(device_type,),
+        key=key, created_s=0,
     )  # fmt: skip
     return verify_artifact(data, TrustedKeys([key.public_key]))
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +42,10 @@ from gateway_proxy.drivers import (
     registered_drivers,
 )
 from gateway_proxy.serial_driver import ShoalSerialDriver
-from mcu_firmware_stub.node import SimulatedNode
 from otaproto import fleet
 from otaproto.artifact import VerifiedArtifact
 from otaproto.errors import UsageError
+from tests.hook_fixtures import write_hook
 from tests.node_fixtures import (
     TRUST,
     Images,
@@ -55,12 +53,12 @@ from tests.node_fixtures import (
     artifact_file,
     images,
     node_config,
+    node_on_pty,
     write_keys,
 )
-from tests.test_gateway_agent import GW, Orchestra
+from tests.test_gateway_agent import FINAL_WORDS, GW, Orchestra, run_until
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "drivers-and-hooks.md"
-FINAL_WORDS = {"succeeded", "failed", "rolled_back", "already_installed", "rejected", "aborted"}
 
 
 # -- the template, with a scripted driver -------------------------------------------------
@@ -223,8 +221,7 @@ def serial_driver(thread: NodeThread, **options: object) -> ShoalSerialDriver:
 def test_the_serial_driver_stages_test_boots_and_reports_the_verdict(
     tmp_path: Path, imgs: Images
 ) -> None:
-    thread = NodeThread(SimulatedNode(node_config(tmp_path / "node"), initial=imgs.old))
-    try:
+    with node_on_pty(node_config(tmp_path / "node"), imgs.old) as thread:
         driver = serial_driver(thread)
         found = driver.inventory()
         assert (found.device_type, found.boot_state, found.protocol) == (
@@ -250,14 +247,11 @@ def test_the_serial_driver_stages_test_boots_and_reports_the_verdict(
         assert running is not None and running.image_sha256 == imgs.new.manifest.image_digest
         last = driver.transfer(imgs.new, imgs.new.payload, seen.append)
         assert last.outcome is TransferOutcome.ALREADY_INSTALLED
-    finally:
-        thread.stop()
 
 
 def test_the_serial_driver_reports_a_revert(tmp_path: Path, imgs: Images) -> None:
     config = node_config(tmp_path / "node", fail_self_test=frozenset({"2.0.0"}))
-    thread = NodeThread(SimulatedNode(config, initial=imgs.old))
-    try:
+    with node_on_pty(config, imgs.old) as thread:
         driver = serial_driver(thread, reboot_timeout_s=30)
         assert driver.transfer(imgs.new, imgs.new.payload, lambda _: None).outcome is (
             TransferOutcome.STAGED
@@ -266,8 +260,6 @@ def test_the_serial_driver_reports_a_revert(tmp_path: Path, imgs: Images) -> Non
         boot = driver.await_boot(imgs.new)
         assert boot.verdict is BootVerdict.REVERTED
         assert boot.reason == "node reverted to 1.0.0 after a failed self-test"
-    finally:
-        thread.stop()
 
 
 def test_the_serial_driver_refuses_unknown_options() -> None:
@@ -334,12 +326,10 @@ def test_registered_drivers_are_listed_without_importing_them(acme: Path) -> Non
 
 def gateway_toml(folder: Path, port: str, site_node: str) -> Path:
     write_keys(folder / "keys")
-    (folder / "hooks").mkdir()
-    hook = folder / "hooks" / "Flash_Enter_10_log"
-    hook.write_text(
-        f'#!/bin/sh\necho "$SHOAL_NODE $SHOAL_DRIVER $SHOAL_DEVICE_TYPE" >> {folder}/log\n'
-    )
-    hook.chmod(0o755)
+    write_hook(
+        folder / "hooks", "Flash_Enter_10_log",
+        f'echo "$SHOAL_NODE $SHOAL_DRIVER $SHOAL_DEVICE_TYPE" >> {folder}/log',
+    )  # fmt: skip
     path = folder / "gateway.toml"
     path.write_text(
         f"[gateway]\nid = '{GW}'\ndata_dir = 'gw'\ntrust = ['keys/release.pub']\n"
@@ -349,16 +339,6 @@ def gateway_toml(folder: Path, port: str, site_node: str) -> Path:
         f"{site_node}"
     )
     return path
-
-
-def run_until(agent: GatewayAgent, orchestra: Orchestra, done: Callable[[], bool]) -> None:
-    pace = threading.Event()
-    deadline = time.monotonic() + 60
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting; statuses: {orchestra.status}")
-        orchestra.answer(agent.tick(), agent)
-        pace.wait(0.02)
 
 
 def finals(orchestra: Orchestra) -> dict[str, dict[str, object]]:
@@ -383,61 +363,59 @@ def test_a_third_party_driver_registered_by_entry_point_is_picked_per_node(
         f"[nodes.n2]\nport = 'none'\ndriver = 'acme-folder'\n"
         f"[nodes.n2.options]\nfolder = '{flash}'\ndevice_type = 'nrf52840'\n",
     )  # fmt: skip
-    thread = NodeThread(SimulatedNode(node_config(tmp_path / "node"), initial=imgs.old))
-    path.write_text(path.read_text().replace("PORT", thread.path))
-    agent = GatewayAgent(load_config(path), TRUST)
-    try:
-        assert type(agent.driver("n1")) is ShoalSerialDriver
-        assert type(agent.driver("n2")).__name__ == "FolderDriver"
-        orchestra = Orchestra({})
-        orchestra.answer([agent.inventory()], agent)
-        deploy_both(agent, orchestra, artifact_file(tmp_path, imgs.new, "v2.art").read_bytes())
-        assert {n: s["state"] for n, s in finals(orchestra).items()} == {
-            "n1": "succeeded", "n2": "succeeded",
-        }  # fmt: skip
-        assert thread.node.running is not None and thread.node.running.version == "2.0.0"
-        assert hashlib.sha256((flash / "firmware.bin").read_bytes()).digest() == (
-            imgs.new.manifest.image_digest
-        )
-        assert sorted((tmp_path / "log").read_text().splitlines()) == [
-            "n1 shoal-serial nrf52840", "n2 acme-folder nrf52840",
-        ]  # fmt: skip
-        inventory = fleet.decode_map(agent.inventory()[1], fleet.INVENTORY, "inventory")
-        by_node = {n["node"]: n for n in inventory["nodes"]}
-        assert by_node["n2"]["primary"]["version"] == "2.0.0"
-        assert by_node["n2"]["boot_state"] == "confirmed"
-    finally:
-        agent.close()
-        thread.stop()
+    with node_on_pty(node_config(tmp_path / "node"), imgs.old) as thread:
+        path.write_text(path.read_text().replace("PORT", thread.path))
+        agent = GatewayAgent(load_config(path), TRUST)
+        try:
+            assert type(agent.driver("n1")) is ShoalSerialDriver
+            assert type(agent.driver("n2")).__name__ == "FolderDriver"
+            orchestra = Orchestra({})
+            orchestra.answer([agent.inventory()], agent)
+            deploy_both(agent, orchestra, artifact_file(tmp_path, imgs.new, "v2.art").read_bytes())
+            assert {n: s["state"] for n, s in finals(orchestra).items()} == {
+                "n1": "succeeded", "n2": "succeeded",
+            }  # fmt: skip
+            assert thread.node.running is not None and thread.node.running.version == "2.0.0"
+            assert hashlib.sha256((flash / "firmware.bin").read_bytes()).digest() == (
+                imgs.new.manifest.image_digest
+            )
+            assert sorted((tmp_path / "log").read_text().splitlines()) == [
+                "n1 shoal-serial nrf52840", "n2 acme-folder nrf52840",
+            ]  # fmt: skip
+            inventory = fleet.decode_map(agent.inventory()[1], fleet.INVENTORY, "inventory")
+            by_node = {n["node"]: n for n in inventory["nodes"]}
+            assert by_node["n2"]["primary"]["version"] == "2.0.0"
+            assert by_node["n2"]["boot_state"] == "confirmed"
+        finally:
+            agent.close()
 
 
 def test_a_driver_that_cannot_load_fails_only_its_own_nodes(
     tmp_path: Path, imgs: Images, acme: Path
 ) -> None:
     path = gateway_toml(tmp_path, "PORT", "[nodes.n2]\nport = 'none'\ndriver = 'acme-broken'\n")
-    thread = NodeThread(SimulatedNode(node_config(tmp_path / "node"), initial=imgs.old))
-    path.write_text(path.read_text().replace("PORT", thread.path))
-    config = load_config(path)  # registered: accepted without importing it
-    agent = GatewayAgent(config, TRUST)
-    try:
-        inventory = fleet.decode_map(agent.inventory()[1], fleet.INVENTORY, "inventory")
-        by_node = {n["node"]: n for n in inventory["nodes"]}
-        assert by_node["n1"]["primary"]["version"] == "1.0.0"
-        broken = (
-            "node driver 'acme-broken' (acme_broken_driver:Driver) cannot be loaded: "
-            "RuntimeError: this driver needs libacme.so"
-        )
-        assert by_node["n2"]["error"] == broken
-        orchestra = Orchestra({})
-        deploy_both(agent, orchestra, artifact_file(tmp_path, imgs.new, "v2.art").read_bytes())
-        result = finals(orchestra)
-        assert result["n1"]["state"] == "succeeded"
-        assert (result["n2"]["state"], result["n2"]["reason"]) == (
-            "failed", f"cannot drive node n2: {broken}",
-        )  # fmt: skip
-    finally:
-        agent.close()
-        thread.stop()
+    with node_on_pty(node_config(tmp_path / "node"), imgs.old) as thread:
+        path.write_text(path.read_text().replace("PORT", thread.path))
+        config = load_config(path)  # registered: accepted without importing it
+        agent = GatewayAgent(config, TRUST)
+        try:
+            inventory = fleet.decode_map(agent.inventory()[1], fleet.INVENTORY, "inventory")
+            by_node = {n["node"]: n for n in inventory["nodes"]}
+            assert by_node["n1"]["primary"]["version"] == "1.0.0"
+            broken = (
+                "node driver 'acme-broken' (acme_broken_driver:Driver) cannot be loaded: "
+                "RuntimeError: this driver needs libacme.so"
+            )
+            assert by_node["n2"]["error"] == broken
+            orchestra = Orchestra({})
+            deploy_both(agent, orchestra, artifact_file(tmp_path, imgs.new, "v2.art").read_bytes())
+            result = finals(orchestra)
+            assert result["n1"]["state"] == "succeeded"
+            assert (result["n2"]["state"], result["n2"]["reason"]) == (
+                "failed", f"cannot drive node n2: {broken}",
+            )  # fmt: skip
+        finally:
+            agent.close()
 
 
 class CrashingDriver(ScriptedDriver):

@@ -37,6 +37,7 @@ from otaproto.artifact import (
 )
 from otaproto.errors import InvalidInput
 from otaproto.keys import SigningKey, TrustedKeys
+from tests.hook_fixtures import write_hook
 from tests.node_fixtures import (
     DEVICE,
     KEY,
@@ -46,6 +47,7 @@ from tests.node_fixtures import (
     artifact_file,
     images,
     node_config,
+    node_on_pty,
 )
 
 GW = "gw-1"
@@ -115,15 +117,16 @@ def imgs() -> Images:
 
 @pytest.fixture
 def node(tmp_path: Path, imgs: Images) -> Iterator[NodeThread]:
-    thread = NodeThread(SimulatedNode(node_config(tmp_path / "node"), initial=imgs.old))
-    yield thread
-    thread.stop()
+    with node_on_pty(node_config(tmp_path / "node"), imgs.old) as thread:
+        yield thread
 
 
-def agent_for(tmp_path: Path, node: NodeThread, trusted: TrustedKeys = TRUST) -> GatewayAgent:
+def agent_for(
+    tmp_path: Path, node: NodeThread, trusted: TrustedKeys = TRUST, hooks: HooksConfig | None = None
+) -> GatewayAgent:
     config = GatewayConfig(
         gateway_id=GW, data_dir=tmp_path / "gw", trust=(), mqtt_host="-", mqtt_port=1,
-        password="-", nodes=(NodePort("n1", node.path, 2_000_000),),
+        password="-", nodes=(NodePort("n1", node.path, 2_000_000),), hooks=hooks or HooksConfig(),
     )  # fmt: skip
     return GatewayAgent(config, trusted)
 
@@ -285,21 +288,9 @@ def counted(tmp_path: Path, imgs: Images) -> Iterator[NodeThread]:
     thread.stop()
 
 
-def write_hook(folder: Path, name: str, body: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(f"#!/bin/sh\n{body}\n")
-    path.chmod(0o755)
-    return path
-
-
 @contextmanager
 def hooked_agent(tmp_path: Path, node: NodeThread, hooks: HooksConfig) -> Iterator[GatewayAgent]:
-    config = GatewayConfig(
-        gateway_id=GW, data_dir=tmp_path / "gw", trust=(), mqtt_host="-", mqtt_port=1,
-        password="-", nodes=(NodePort("n1", node.path, 2_000_000),), hooks=hooks,
-    )  # fmt: skip
-    agent = GatewayAgent(config, TRUST)
+    agent = agent_for(tmp_path, node, hooks=hooks)
     try:
         yield agent
     finally:

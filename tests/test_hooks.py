@@ -34,18 +34,10 @@ from gateway_proxy.hooks import (
     survey,
 )
 from otaproto.errors import InvalidInput
+from tests.hook_fixtures import write_hook
 from tests.node_fixtures import TRUST
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SHOAL_NODE": "n1"}
-
-
-def write_hook(folder: Path, name: str, body: str, *, executable: bool = True) -> Path:
-    """A shell script hook; ``body`` runs under ``set -u``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(f"#!/bin/sh\nset -u\n{body}\n")
-    path.chmod(0o755 if executable else 0o644)
-    return path
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -29,6 +29,7 @@ from mcu_firmware_stub.node import SimulatedNode
 from otaproto.artifact import VerifiedArtifact
 from tests.fleet_fixtures import Fleet, running_fleet
 from tests.fleet_process import OperatorSession, wait_for
+from tests.hook_fixtures import write_hook
 from tests.node_fixtures import TRUST, NodeThread, artifact_file, images, node_config
 
 #: Every wait of these tests; each test takes a few seconds when all is well.
@@ -37,15 +38,6 @@ DEADLINE_S = 20.0
 RETRY_DELAY_S = 0.2
 #: Images small enough to flash in well under a second.
 IMAGE_BYTES = 24 * 1024
-
-
-def write_hook(folder: Path, name: str, body: str) -> Path:
-    """An executable shell script hook named ``name`` in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(f"#!/bin/sh\nset -u\n{body}\n")
-    path.chmod(0o755)
-    return path
 
 
 @contextmanager

@@ -134,7 +134,8 @@ def test_parse_reads_header_version_and_tlvs(ed_image: bytes, keys: ImgtoolKeys)
     assert str(image.version) == "1.2.3.4" and image.version.semver == "1.2.3+4"
     assert image.total_bytes == len(ed_image)
     assert image.bootable and image.signed and not image.verified
-    assert [tlv.type for tlv in image.tlvs] == [0x10, 0x01, 0x24]
+    kind = mcuboot.TlvType
+    assert [t.type for t in image.tlvs] == [kind.SHA256, kind.KEYHASH, kind.ED25519]
     assert ed_image[HEADER_SIZE : HEADER_SIZE + len(FIRMWARE)] == FIRMWARE
     assert image.tlvs[1].value == keys.trusted("ed").key_hash
 
@@ -214,8 +215,9 @@ def test_protected_tlvs_padding_full_key_and_padded_signature(
     assert mcuboot.TlvType.PUBKEY in [t.type for t in mcuboot.parse_image(full).tlvs]
     assert mcuboot.verify_image(full, trusted).signer_key_hash == trusted[1].key_hash
     pad_sig = sign(work, FIRMWARE, "1.0.4", keys.path("ec", "ecdsa-p256"), "--pad-sig")
-    signature = next(t for t in mcuboot.parse_image(pad_sig).tlvs if t.type == 0x22).value
-    assert len(signature) == 72
+    tlvs = mcuboot.parse_image(pad_sig).tlvs
+    signature = next(t for t in tlvs if t.type == mcuboot.TlvType.ECDSA_SIG)
+    assert len(signature.value) == mcuboot.ECDSA_P256_MAX_SIGNATURE_BYTES
     assert mcuboot.verify_image(pad_sig, trusted).signer_key_hash == trusted[1].key_hash
 
 
@@ -247,9 +249,10 @@ def test_flipped_bytes_are_refused(ed_image: bytes, keys: ImgtoolKeys) -> None:
         mcuboot.verify_image(flip(ed_image, 40), trusted)  # header padding
     with pytest.raises(MalformedError, match="magic"):
         mcuboot.verify_image(flip(ed_image, 0), trusted)
+    sha256_at = tlv_at + mcuboot.TLV_INFO_BYTES + mcuboot.TLV_ENTRY_HEADER_BYTES
     with pytest.raises(DigestMismatch):
-        mcuboot.verify_image(flip(ed_image, tlv_at + 4 + 4 + 5), trusted)  # the SHA256 TLV
-    keyhash_at = tlv_at + 4 + 36 + 4
+        mcuboot.verify_image(flip(ed_image, sha256_at + 5), trusted)  # the SHA256 TLV
+    keyhash_at = sha256_at + mcuboot.SHA256_BYTES + mcuboot.TLV_ENTRY_HEADER_BYTES
     with pytest.raises(UnknownKeyError):
         mcuboot.verify_image(flip(ed_image, keyhash_at), trusted)
     with pytest.raises(SignatureError):
@@ -264,7 +267,8 @@ def test_ecdsa_signature_flip_is_refused(ec_image: bytes, keys: ImgtoolKeys) -> 
 
 
 def test_truncated_and_garbage_are_refused(ed_image: bytes, keys: ImgtoolKeys) -> None:
-    for size in (0, 10, 31, 32, HEADER_SIZE + 10, len(ed_image) - 1):
+    header_bytes = mcuboot.HEADER_BYTES
+    for size in (0, 10, header_bytes - 1, header_bytes, HEADER_SIZE + 10, len(ed_image) - 1):
         with pytest.raises(MalformedError):
             mcuboot.verify_image(ed_image[:size], [keys.trusted("ed")])
     with pytest.raises(MalformedError):

@@ -37,12 +37,7 @@ from mcu_firmware_stub.node import SimulatedNode
 from mcu_firmware_stub.smp_node import SmpNode, SmpNodeConfig, SmpNodeThread
 from otaio.serial_link import PtyLink
 from otaproto import mcuboot, smp
-from otaproto.artifact import (
-    VerifiedArtifact,
-    build_delta_artifact,
-    build_full_artifact,
-    verify_artifact,
-)
+from otaproto.artifact import VerifiedArtifact, build_delta_artifact
 from shoal.synthetic import evolve, firmware_like
 from tests.fleet_fixtures import Fleet, running_fleet
 from tests.fleet_process import OperatorSession, wait_for
@@ -53,6 +48,7 @@ from tests.node_fixtures import (
     NodeThread,
     artifact_file,
     images,
+    make_artifact,
     node_config,
     write_keys,
 )
@@ -100,11 +96,7 @@ def mcuboot_images(keys: ImgtoolKeys, tmp_path_factory: pytest.TempPathFactory) 
 
 def shoal_artifact(image: bytes, version: str, sequence: int) -> VerifiedArtifact:
     """A Shoal artifact for the motor (signed with Shoal's release key) carrying ``image``."""
-    data = build_full_artifact(
-        image, name="motor-app", version=version, sequence=sequence,
-        device_types=(SMP_DEVICE,), key=KEY, created_s=0,
-    )  # fmt: skip
-    return verify_artifact(data, TRUST)
+    return make_artifact(image, version, sequence, name="motor-app", device_type=SMP_DEVICE)
 
 
 def smp_config(state_dir: Path, keys: ImgtoolKeys) -> SmpNodeConfig:
