@@ -823,9 +823,13 @@ class _JobHooks:
     def environment(
         self, phase: Phase, when: When, attempt: int, error: str = ""
     ) -> dict[str, str]:
-        """The gateway's environment with the job's facts on top (docs/drivers-and-hooks.md)."""
+        """The gateway's environment with the job's facts on top (docs/drivers-and-hooks.md).
+
+        ``SHOAL_*`` variables the gateway itself was started with are left out:
+        under that prefix a hook sees exactly the facts of its job.
+        """
         agent, job, node = self._agent, self._job, self._node
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
         env.update(self._facts)
         env.update({
             "SHOAL_GATEWAY": agent.config.gateway_id, "SHOAL_DEPLOYMENT": job.deployment,

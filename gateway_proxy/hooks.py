@@ -10,7 +10,8 @@ Rules (spec: ``docs/drivers-and-hooks.md``; naming after Mender's state scripts)
   (``Flash_Enter_...``) and is misnamed or not executable fails the boundary:
   a battery check silently skipped is worse than an update held back.
 * Each hook gets the deployment's facts in ``SHOAL_*`` environment variables
-  on top of the gateway's environment, its working directory is the hooks
+  on top of the gateway's environment (less any ``SHOAL_*`` variable the
+  gateway was started with), its working directory is the hooks
   folder, its standard input is empty, and its output (stdout and stderr
   together) is kept, the last :data:`OUTPUT_TAIL_BYTES` of it, for the report.
 * Exit 0: go on with the next hook. Exit :data:`RETRY_LATER_EXIT` (21, as in
