@@ -221,11 +221,11 @@ def run(*, image_kib: int, drivers: tuple[str, ...], as_json: bool) -> list[Driv
 def _print(row: DriverRun, line: float) -> None:
     flash = "flash timing" if row.flash_timing else "no flash timing"
     if not row.ok:
-        print(f"{row.driver:12} {flash:16} FAILED: {row.detail}", flush=True)
+        print(f"{row.driver:17} {flash:15} FAILED: {row.detail}", flush=True)
         return
     versus = f"{row.ratio_to_smpclient:.2f} x smpclient" if row.ratio_to_smpclient else "reference"
     print(
-        f"{row.driver:12} {flash:16} {row.image_bytes} B in {row.seconds:6.1f} s:"
+        f"{row.driver:17} {flash:15} {row.image_bytes} B in {row.seconds:6.1f} s:"
         f" goodput {row.goodput_bytes_per_s:7.0f} B/s = {row.ratio_to_line:.3f} of the line"
         f" ({line:.0f} B/s), {versus}" + (f"; {row.detail}" if row.detail else ""),
         flush=True,
