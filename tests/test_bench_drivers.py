@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from shoal import bench_drivers
+from tests.conftest import skip_inside_readme_run
 
 pytestmark = pytest.mark.slow
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow
 def test_every_driver_puts_the_image_through_the_relay_and_gets_a_figure(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    skip_inside_readme_run()
     rows = bench_drivers.run(image_kib=16, drivers=bench_drivers.DRIVERS, as_json=False)
     assert [(r.driver, r.flash_timing) for r in rows] == [
         (driver, timing) for timing in (False, True) for driver in bench_drivers.DRIVERS

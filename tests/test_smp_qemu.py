@@ -29,6 +29,7 @@ from otaio.serial_link import Link, SerialLink
 from otaproto.artifact import VerifiedArtifact, build_full_artifact, verify_artifact
 from otaproto.errors import LinkBroken
 from otaproto.keys import SigningKey, TrustedKeys
+from tests.conftest import skip_inside_readme_run
 from tests.qemu_fixtures import MAX_REQUEST_BYTES, QemuBoard, qemu_smp_server, resigned_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -38,6 +39,7 @@ DEVICE_TYPE = "qemu-microbit"
 
 @pytest.fixture
 def board() -> Iterator[QemuBoard]:
+    skip_inside_readme_run()
     with qemu_smp_server() as running:
         yield running
 
