@@ -73,7 +73,7 @@ from orchestrator.store import ARTIFACTS_DIR, ArtifactRecord, ArtifactStore
 from otaio.files import read_bounded, write_atomic
 from otaproto import fleet
 from otaproto.credentials import hash_secret, new_token
-from otaproto.errors import InvalidInput, MalformedError, UsageError
+from otaproto.errors import InvalidInput, MalformedError, ShoalError, UsageError
 from otaproto.keys import TrustedKeys
 from otaproto.topics import ID_PATTERN, ROOT, Channel, Down, Role, Up, gateway_down
 
@@ -87,6 +87,26 @@ _MAX_TOPIC_LOG = 200
 #: The last level of an operator's request topics.
 _CHANNELS = frozenset(c.value for c in Channel)
 _OPERATOR_PREFIX = f"{ROOT}/ops/"
+
+
+class StorageUnavailable(ShoalError):
+    """The database could not store what a message caused (locked, full, I/O error).
+
+    Unlike bad input or a bug, this must not be acknowledged: the broker
+    delivers the message again later. ``handled`` counts the messages of the
+    batch that were stored before it (those may be acknowledged), ``effects``
+    what they caused.
+    """
+
+    def __init__(self, message: str, *, handled: int = 0, effects: Effects | None = None):
+        super().__init__(message)
+        self.handled = handled
+        self.effects = effects if effects is not None else Effects()
+
+
+def _is_storage_failure(exc: BaseException) -> bool:
+    """SQLite could not store (as opposed to our bug, such as a broken constraint)."""
+    return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
 class Orchestrator:
@@ -122,6 +142,7 @@ class Orchestrator:
             raise InvalidInput(f"cannot create {data_dir}: {exc.strerror or exc}") from exc
         self._clock = clock
         self._resend_after_s = resend_after_s
+        self._resend_cursor = ""  #: the gateway a capped re-send pass stopped at
         self._blocks_per_tick = blocks_per_tick
         self._commands_per_tick = commands_per_tick
         self.orchestrator_secret = _load_or_create_secret(data_dir / SECRET_FILE)
@@ -214,7 +235,9 @@ class Orchestrator:
     def handle(self, topic: str, payload: bytes) -> Effects:
         """One message from a gateway (``up/*``) or an operator (a request channel).
 
-        Never raises.
+        Raises StorageUnavailable when the database cannot store what a
+        gateway message caused (the message must not be acknowledged); never
+        raises otherwise (an operator gets an error reply).
         """
         try:
             parts = topic.split("/", 6)
@@ -233,7 +256,13 @@ class Orchestrator:
             ):
                 return self._gateway_message(parts[3], parts[5], topic, payload)
             log.warning("ignoring a message on %.*r: not a topic I serve", _MAX_TOPIC_LOG, topic)
-        except Exception:  # a bug must not take the service down; the transaction rolled back
+        except (
+            Exception
+        ) as exc:  # a bug must not take the service down; the transaction rolled back
+            if _is_storage_failure(exc):
+                raise StorageUnavailable(
+                    f"cannot store a message on {topic[:120]!r}: {exc}"
+                ) from exc
             log.exception("internal error on a message on %.*r", _MAX_TOPIC_LOG, topic)
         return Effects()
 
@@ -249,18 +278,31 @@ class Orchestrator:
         transaction cannot be committed (disk full, I/O error) it is rolled
         back whole and its messages are handled again one by one; gateway
         messages are idempotent (a report carries its ``seq``, an ack its
-        command number), so a message applied twice counts once. Never raises.
+        command number), so a message applied twice counts once.
+
+        Raises StorageUnavailable when even one by one a message cannot be
+        stored: its ``handled`` says how many messages, from the first, were
+        stored (and may be acknowledged), ``effects`` what they caused.
         """
         effects = Effects()
         run: list[tuple[str, bytes]] = []
-        for topic, payload in messages:
-            if topic.startswith(_OPERATOR_PREFIX):
-                effects.extend(self._handle_together(run))
-                run = []
-                effects.extend(self.handle(topic, payload))
-            else:
-                run.append((topic, payload))
-        return effects.extend(self._handle_together(run))
+        handled = 0
+        try:
+            for topic, payload in messages:
+                if topic.startswith(_OPERATOR_PREFIX):
+                    effects.extend(self._handle_together(run))
+                    handled += len(run)
+                    run = []
+                    effects.extend(self.handle(topic, payload))
+                    handled += 1
+                else:
+                    run.append((topic, payload))
+            effects.extend(self._handle_together(run))
+        except StorageUnavailable as exc:
+            raise StorageUnavailable(
+                str(exc), handled=handled + exc.handled, effects=effects.extend(exc.effects)
+            ) from exc
+        return effects
 
     def _handle_together(self, messages: list[tuple[str, bytes]]) -> Effects:
         if len(messages) < 2:
@@ -276,8 +318,11 @@ class Orchestrator:
             log.exception("cannot commit %d messages together: handling them one by one",
                           len(messages))  # fmt: skip
             effects = Effects()
-            for topic, payload in messages:
-                effects.extend(self.handle(topic, payload))
+            for done, (topic, payload) in enumerate(messages):
+                try:
+                    effects.extend(self.handle(topic, payload))
+                except StorageUnavailable as exc:
+                    raise StorageUnavailable(str(exc), handled=done, effects=effects) from exc
         return effects
 
     def _gateway_message(self, gw: str, kind: str, topic: str, payload: bytes) -> Effects:
@@ -389,9 +434,12 @@ class Orchestrator:
         try:
             with self._db.atomic():
                 due = self._outbox.due(
-                    self._clock(), self._resend_after_s, limit=self._commands_per_tick
-                )
+                    self._clock(), self._resend_after_s, limit=self._commands_per_tick,
+                    after_gateway=self._resend_cursor,
+                )  # fmt: skip
                 effects.extend(self._send(due))
+            # A pass the limit cut goes on after its last gateway next tick.
+            self._resend_cursor = due[-1].gateway if len(due) >= self._commands_per_tick else ""
         except Exception:
             log.exception("internal error re-sending commands")
         try:

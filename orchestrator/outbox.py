@@ -208,24 +208,29 @@ class Outbox:
         *,
         unsent_only: bool = False,
         limit: int | None = None,
+        after_gateway: str = "",
     ) -> list[Command]:
         """Commands to (re-)send now: unacknowledged, to accepted online gateways.
 
         Those never sent, and (unless ``unsent_only``) those last sent at least
         ``resend_after_s`` ago; by gateway, then ``seq``; the first ``limit``
         of them (None: all). A limit cuts a gateway's commands after a lower
-        ``seq``, never before: the rest are due at the next call.
+        ``seq``, never before: the rest are due at the next call. The gateways
+        after ``after_gateway`` (by id) come first, then the others: a caller
+        that goes on after the last gateway a limit reached serves them all in
+        turn, not the first ones over and over.
         """
         rows = fetch_all(
             self._db,
             "SELECT c.* FROM commands c JOIN gateways g ON g.id = c.gateway"
             " WHERE c.acked_at IS NULL AND g.state = ? AND g.online = 1"
-            " AND (c.sent_at IS NULL OR (? = 0 AND c.sent_at <= ?)) ORDER BY c.gateway, c.seq"
-            " LIMIT ?",
+            " AND (c.sent_at IS NULL OR (? = 0 AND c.sent_at <= ?))"
+            " ORDER BY c.gateway <= ?, c.gateway, c.seq LIMIT ?",
             [
                 str(GatewayState.ACCEPTED),
                 int(unsent_only),
                 now - resend_after_s,
+                after_gateway,
                 -1 if limit is None else limit,
             ],
         )

@@ -175,6 +175,9 @@ class MqttClient:
         self._publishes: dict[int, asyncio.Future[None]] = {}
         self._subscribes: dict[int, asyncio.Future[list[int]]] = {}
         self._publish_slots = asyncio.Semaphore(MAX_PENDING_PUBLISHES)
+        #: Loop time of the last PUBACK: while the broker acknowledges publishes, a
+        #: queued one is waiting its turn, not lost (see :meth:`start_publish`).
+        self._last_puback_s = float("-inf")
         self._failure: LinkError | None = None
         self._connected = False
         self._closing = False
@@ -288,8 +291,10 @@ class MqttClient:
         free slot when :data:`MAX_PENDING_PUBLISHES` are pending. Publishes
         started one after another go out in that order. The future is done
         when :meth:`publish` would return (the PUBACK, for QoS 1), or fails
-        with LinkBroken (no PUBACK within ``timeout_s`` of the start, link
-        lost) or LinkClosed; the caller must look at it (or its exception is
+        with LinkBroken (no PUBACK for it ``timeout_s`` after its start while
+        none came for any publish in the last ``timeout_s`` either: a long
+        queue draining through paho's small window is progress, not a lost
+        link; or the link was lost) or LinkClosed; the caller must look at it (or its exception is
         logged as never retrieved). Raises, before anything is sent,
         LinkBroken or LinkClosed (no usable link, no free slot within
         ``timeout_s``) and UsageError (bad topic or QoS).
@@ -321,19 +326,28 @@ class MqttClient:
         self._publishes[info.mid] = done
         where = self._where
 
-        def too_late() -> None:
-            if not done.done():
-                done.set_exception(
-                    LinkBroken(
-                        f"MQTT broker {where} did not acknowledge a publish to {topic!r} "
-                        f"within {timeout_s} s"
-                    )
-                )
+        timer: list[asyncio.TimerHandle] = []  # the one armed now
 
-        timer = loop.call_later(timeout_s, too_late)
+        def too_late() -> None:
+            if done.done():
+                return
+            quiet_s = loop.time() - self._last_puback_s
+            if quiet_s < timeout_s:  # others are being acknowledged: this one waits its turn
+                timer[0] = loop.call_later(timeout_s - quiet_s, too_late)
+                return
+            done.set_exception(
+                LinkBroken(
+                    f"MQTT broker {where} acknowledged no publish for {timeout_s} s "
+                    f"(one to {topic!r} waits)"
+                )
+            )
+
+        timer.append(loop.call_later(timeout_s, too_late))
 
         def settled(_: asyncio.Future[None]) -> None:
-            timer.cancel()
+            timer[0].cancel()
+            if not done.cancelled() and done.exception() is None:
+                self._last_puback_s = loop.time()
             if self._publishes.get(info.mid) is done:
                 del self._publishes[info.mid]
             self._publish_slots.release()

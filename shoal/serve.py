@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.embedded import EmbeddedBroker, TlsFiles
-from orchestrator.core import Effects, Orchestrator
+from orchestrator.core import Effects, Orchestrator, StorageUnavailable
 from otaio.files import write_atomic
 from otaio.mqtt import AuthRefused, MqttClient, MqttSettings
 from otaio.mqtt_common import fresh
@@ -66,6 +66,8 @@ BATCH_MESSAGES = 500
 ORCHESTRATOR_QUEUE_MESSAGES = 250_000
 #: Pauses between reconnect attempts; the last one repeats.
 RECONNECT_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+#: Waits before handling messages again that the database could not store.
+STORAGE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -189,10 +191,32 @@ async def _session(
             stream = client.messages()
             while True:
                 batch = [await anext(stream), *client.queued_messages(BATCH_MESSAGES - 1)]
-                effects = orchestrator.handle_batch([(m.topic, m.payload) for m in batch])
-                await apply(effects)
-                for message in batch:  # committed: only now may the broker forget them
-                    client.ack(message)
+                attempt = 0
+                while batch:
+                    try:
+                        effects = orchestrator.handle_batch([(m.topic, m.payload) for m in batch])
+                        stored, rest = batch, []
+                    except StorageUnavailable as exc:
+                        # The database cannot take them now (locked, full): keep the rest
+                        # unacknowledged and try again, holding the broker's queue back.
+                        effects, stored, rest = (
+                            exc.effects,
+                            batch[: exc.handled],
+                            batch[exc.handled :],
+                        )
+                        delay = STORAGE_RETRY_S[min(attempt, len(STORAGE_RETRY_S) - 1)]
+                        attempt += 1
+                        log.error("orchestrator: %s; %d messages wait, again in %.1f s",
+                                  exc, len(rest), delay)  # fmt: skip
+                    # Committed: only now may the broker forget them, and before the
+                    # effects go out (a publish that fails ends the session, and a
+                    # request redelivered after its commit would run twice).
+                    for message in stored:
+                        client.ack(message)
+                    await apply(effects)
+                    batch = rest
+                    if rest:
+                        await asyncio.sleep(delay)  # a retry's backoff, not a wait for an event
                 await asyncio.sleep(0)  # the ticker's turn between batches
 
         tasks = [

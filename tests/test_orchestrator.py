@@ -851,3 +851,52 @@ def test_the_timer_re_sends_at_most_commands_per_tick_in_order(tmp_path: Path) -
     assert seqs(w.o.tick()) == [4, 5]
     assert seqs(w.o.flush()) == []  # flush sends only what was never sent, uncapped
     w.o.close()
+
+
+def test_a_capped_re_send_pass_goes_on_where_it_stopped_so_every_gateway_gets_its_turn(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path / "orch", commands_per_tick=3)
+    _deployed(w, "gw-1", nodes=("n1", "n2", "n3"))
+    _deployed(w, "gw-2", nodes=("n1", "n2", "n3"))
+    # Neither gateway ever acknowledges (a full disk, say), and ticks come slower than
+    # the re-send interval (a loaded orchestrator): gw-1's commands are due again at
+    # every tick, and taking gateways from the first id on would never reach gw-2.
+    for _ in range(3):
+        first = w.o.tick()
+        w.clock.advance(10)
+        second = w.o.tick()
+        w.clock.advance(10)
+        assert (seqs(first, "gw-1"), seqs(first, "gw-2")) == ([1, 2, 3], [])
+        assert (seqs(second, "gw-1"), seqs(second, "gw-2")) == ([], [1, 2, 3])
+    w.o.close()
+
+
+def test_a_batch_the_database_cannot_store_raises_and_says_how_much_was_stored(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.core import StorageUnavailable
+
+    w = World(tmp_path / "orch")
+    dep = _deployed(w, nodes=("n1", "n2"))
+    w.o.tick()
+    w.o._db.conn.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(w.dir / "shoal.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    batch = [
+        _up("gw-1", t.Up.ACK, {"seq": 1}),
+        _status("gw-1", dep, "n1", 1, "downloading"),
+        _status("gw-1", dep, "n1", 2, "downloaded"),
+    ]
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            w.o.handle_batch(batch)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert caught.value.handled == 0  # nothing stored: nothing may be acknowledged
+    assert _node_events(w, dep)["gw-1/n1"] == ["pending"]
+    # Once the lock is gone the same messages go through, once.
+    w.o.handle_batch(batch)
+    w.o.handle_batch(batch)
+    assert _node_events(w, dep)["gw-1/n1"] == ["pending", "offered", "downloading", "downloaded"]

@@ -165,3 +165,51 @@ async def test_a_failed_publish_ends_the_session_as_a_broken_link(w: tuple[World
         async with asyncio.timeout(5):
             await session
     assert client.published  # it did try
+
+
+@async_test
+async def test_what_the_database_cannot_store_is_not_acked_and_is_handled_again(
+    w: tuple[World, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world, dep = w
+    monkeypatch.setattr(serve, "STORAGE_RETRY_S", (0.05,))
+    world.o._db.conn.execute("PRAGMA busy_timeout = 50")
+    # Another writer (a backup tool, an sqlite3 shell) holds the write lock.
+    other = sqlite3.connect(world.dir / "shoal.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    burst = [status(dep, node, 1, "downloading", mid=i + 1) for i, node in enumerate(NODES[:3])]
+    before = committed_events(world)
+    stop = asyncio.Event()
+    attempts = 0
+    real = world.o.handle_batch
+
+    def handle_batch(messages: list[tuple[str, bytes]]) -> Effects:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            other.execute("ROLLBACK")  # the lock goes away before the second try
+        return real(messages)
+
+    monkeypatch.setattr(world.o, "handle_batch", handle_batch)
+    acked_at_commit: list[int] = []
+
+    def on_ack(message: Message) -> None:
+        acked_at_commit.append(committed_events(world) - before)
+        if len(acked_at_commit) == len(burst):
+            stop.set()
+
+    session = asyncio.create_task(
+        serve._session(world.o, SETTINGS, stop, None, None, asyncio.Event())
+    )
+    await asyncio.sleep(0)
+    client = FakeClient.instance
+    assert client is not None
+    client.on_ack = on_ack
+    for message in burst:
+        client.queue.put_nowait(message)
+    await asyncio.wait_for(session, timeout=10)
+    other.close()
+    assert attempts >= 2  # the first try could store nothing, and acked nothing
+    assert [m.mid for m in client.acked] == [m.mid for m in burst]
+    assert all(seen >= n for n, seen in enumerate(acked_at_commit, start=1)), acked_at_commit
+    assert committed_events(world) - before == len(burst)
