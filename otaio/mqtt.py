@@ -258,29 +258,8 @@ class MqttClient:
         way to say no). Raises LinkBroken (no PUBACK within ``timeout_s``, link
         lost), LinkClosed (after ``__aexit__``), UsageError (bad topic or QoS).
         """
-        if qos not in (0, 1, 2):
-            raise UsageError(f"MQTT QoS {qos} is not 0, 1 or 2")
-        self._usable()
-        try:
-            async with asyncio.timeout(timeout_s), self._publish_slots:
-                client = self._usable()
-                try:
-                    info = client.publish(topic, payload, qos=qos, retain=False)
-                except ValueError as exc:
-                    raise UsageError(f"cannot publish to MQTT topic {topic!r}: {exc}") from exc
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    raise self._failure_or(f"cannot publish to {topic!r}", info.rc)
-                done = self._running_loop().create_future()
-                self._publishes[info.mid] = done
-                try:
-                    await done
-                finally:
-                    self._publishes.pop(info.mid, None)
-        except TimeoutError as exc:
-            raise LinkBroken(
-                f"MQTT broker {self._where} did not acknowledge a publish to {topic!r} "
-                f"within {timeout_s} s"
-            ) from exc
+        done = await self.start_publish(topic, payload, qos, timeout_s)
+        await done
 
     async def start_publish(
         self, topic: str, payload: bytes, qos: int = 1, timeout_s: float = 10.0
@@ -294,8 +273,8 @@ class MqttClient:
         with LinkBroken (no PUBACK for it ``timeout_s`` after its start while
         none came for any publish in the last ``timeout_s`` either: a long
         queue draining through paho's small window is progress, not a lost
-        link; or the link was lost) or LinkClosed; the caller must look at it (or its exception is
-        logged as never retrieved). Raises, before anything is sent,
+        link; or the link was lost) or LinkClosed; the caller must look at
+        it (or its exception is logged as never retrieved). Raises, before anything is sent,
         LinkBroken or LinkClosed (no usable link, no free slot within
         ``timeout_s``) and UsageError (bad topic or QoS).
         """

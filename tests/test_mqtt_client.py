@@ -277,10 +277,35 @@ async def test_qos1_publish_returns_only_after_the_puback() -> None:
 async def test_qos1_publish_without_puback_times_out_as_link_broken() -> None:
     async with FakeBroker().running() as fake, MqttClient(fake_settings(fake.port)) as client:
         started = time.monotonic()
-        with pytest.raises(LinkBroken, match="did not acknowledge"):
+        with pytest.raises(LinkBroken, match=r"acknowledged no publish for 0\.2 s"):
             await client.publish("t/never-acked", b"", timeout_s=0.2)
         assert time.monotonic() - started < 2
         assert client.connected  # a lost ack is not a lost link
+
+
+@async_test
+async def test_a_queued_publish_waits_while_the_broker_acknowledges_others() -> None:
+    # A long queue drains through paho's window at the broker's pace: a publish
+    # whose own ack comes later than timeout_s after its start is not lost while
+    # acks for the others keep coming; silence for timeout_s is.
+    timeout_s = 0.5
+    async with FakeBroker().running() as fake, MqttClient(fake_settings(fake.port)) as client:
+        first = await client.start_publish("t/a", b"a", timeout_s=timeout_s)
+        second = await client.start_publish("t/b", b"b", timeout_s=timeout_s)
+        ids = []
+        for _ in range(2):
+            _, _, body = await fake.expect(PUBLISH)
+            length = int.from_bytes(body[:2], "big")
+            ids.append(body[2 + length : 4 + length])
+        # The broker's pace, part of the scenario: one ack 0.4 s in, the other 0.8 s in.
+        await asyncio.sleep(0.4)
+        fake.send(mqtt_packet(PUBACK << 4, ids[0]))
+        await asyncio.wait_for(first, 5)
+        await asyncio.sleep(0.4)
+        fake.send(mqtt_packet(PUBACK << 4, ids[1]))
+        await asyncio.wait_for(second, 5)  # 0.8 s after its start, past its timeout_s
+        with pytest.raises(LinkBroken, match="acknowledged no publish"):
+            await client.publish("t/c", b"c", timeout_s=timeout_s)
 
 
 @async_test
