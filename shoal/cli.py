@@ -1126,8 +1126,9 @@ def bench_delta(corpus: Path | None, synthetic_mib: float, as_json: bool) -> Non
     "drivers",
     multiple=True,
     type=click.Choice(["all", "smpclient", "shoal-smp", "shoal-smp-window2", "shoal-serial"]),
-    help="Compare node drivers at 115200 instead: smpclient and Shoal's SMP driver into the "
-    "SMP-mode node, Shoal's protocol into the simulated node (repeatable; 'all').",
+    help="Compare node drivers at 115200 instead: smpclient and Shoal's SMP driver (also "
+    "with window 2) into the SMP-mode node, Shoal's protocol into the simulated node "
+    "(repeatable; 'all').",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench_serial(image_kib: int, only: str | None, drivers: tuple[str, ...], as_json: bool) -> None:

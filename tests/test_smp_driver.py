@@ -17,6 +17,7 @@ import pytest
 from gateway_proxy.config import NodePort
 from gateway_proxy.drivers import (
     BootVerdict,
+    DriverOptionError,
     HookFailed,
     NoHooks,
     Phase,
@@ -320,3 +321,21 @@ def test_requests_lost_in_a_window_are_sent_again_from_the_nodes_offset(
     assert server.lost >= 3
     slots = {entry["slot"]: entry["hash"] for entry in driver.inventory().extra["slots"]}
     assert slots[1] == image_hash(images.new).hex()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, r"nodes\.n1\.options\.device_type"),
+        ({"device_type": DEVICE, "framing": "slip"}, r"framing must be console or raw"),
+        ({"device_type": DEVICE, "line_bytes": 200}, r"nodes\.n1\.options\.line_bytes"),
+        ({"device_type": DEVICE, "window": 0}, r"nodes\.n1\.options\.window"),
+        ({"device_type": DEVICE, "mtu": 512}, r"unknown option mtu"),
+    ],
+)
+def test_bad_smp_options_are_refused_when_the_driver_is_made_naming_the_key(
+    options: dict[str, object], message: str, clock: Clock
+) -> None:
+    node = NodePort("n1", "memory", driver="smp", options=options)
+    with pytest.raises(DriverOptionError, match=message):
+        SmpDriver(node, clock=clock, sleep=clock.sleep, open_link=lambda: None)  # type: ignore[arg-type, return-value]
